@@ -1,0 +1,21 @@
+"""Stage evaluate: score the trained model on the test split; reports, confusion matrices, MLflow."""
+
+from pathlib import Path
+
+from cifar_alexnet.cli import parse_params, run_stage, stage_parser
+from cifar_alexnet.stages import evaluate_stage
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    parser.add_argument("--model", type=Path, required=True, help="model directory")
+    parser.add_argument("--metrics", type=Path, required=True, help="test metrics JSON")
+    parser.add_argument("--reports", type=Path, required=True, help="reports directory")
+    args = parser.parse_args()
+    params = parse_params(args)
+    evaluate_stage(params, args.data, args.model, args.metrics, args.reports)
+
+
+if __name__ == "__main__":
+    run_stage(main)

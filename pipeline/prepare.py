@@ -1,0 +1,21 @@
+"""Stage prepare: decode the archive safely, split train/val (seeded, stratified), write arrays."""
+
+from pathlib import Path
+
+from cifar_alexnet.archive import read_archive
+from cifar_alexnet.cli import parse_params, run_stage, stage_parser
+from cifar_alexnet.prepare import prepare
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--archive", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="prepared dataset directory")
+    args = parser.parse_args()
+    params = parse_params(args)
+    prepare(read_archive(args.archive), params.data.val_size, params.base.seed, args.out,
+            source_md5=params.data.md5)
+
+
+if __name__ == "__main__":
+    run_stage(main)

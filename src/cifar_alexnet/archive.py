@@ -1,0 +1,165 @@
+"""The official CIFAR-10 python archive format, read safely, and the constants that define it.
+
+The batches are pickles. ``pickle.load`` on a file from the internet can run arbitrary code, so
+the archive is read with an unpickler that admits only what a CIFAR batch contains: dicts, lists,
+bytes/strings, ints and one uint8 numpy array. Members are read in memory, never extracted.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import pickle
+import re
+import tarfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+
+log = logging.getLogger(__name__)
+
+ARCHIVE_DIR = "cifar-10-batches-py"
+TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+TEST_BATCH = "test_batch"
+META_FILE = "batches.meta"
+NUM_CLASSES = 10
+# Written into batches.meta of the official archive; the pipeline reads names from there.
+OFFICIAL_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
+                        "dog", "frog", "horse", "ship", "truck")
+IMAGE_SHAPE = (3, 32, 32)  # channel-major, exactly as the archive stores each 3072-byte row
+
+# (module, name) pairs a CIFAR batch needs: numpy array reconstruction (numpy 1.x and 2.x module
+# paths), and _codecs.encode, which Python 3 protocol-2 pickles use to rebuild bytes objects.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def safe_unpickle(blob: bytes, what: str) -> Any:
+    """Unpickle a CIFAR batch without executing anything a batch would not contain."""
+    try:
+        return _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except pickle.UnpicklingError as exc:
+        raise DataError(
+            f"{what}: unsafe or invalid pickle ({exc}); a CIFAR-10 batch holds only lists, "
+            "strings, ints and a uint8 array, so this file was not loaded. Use the official "
+            "archive or a trusted mirror."
+        ) from None
+    except Exception as exc:  # truncated or garbled pickle streams raise many types
+        raise DataError(f"{what}: cannot unpickle ({type(exc).__name__}: {exc})") from None
+
+
+def _text(value: Any) -> str:
+    return value.decode("latin1") if isinstance(value, bytes) else str(value)
+
+
+def _field(batch: Any, key: str, what: str) -> Any:
+    if not isinstance(batch, dict):
+        raise DataError(f"{what}: expected a dict, found {type(batch).__name__}")
+    for candidate in (key.encode(), key):
+        if candidate in batch:
+            return batch[candidate]
+    raise DataError(f"{what}: missing key '{key}'")
+
+
+@dataclass(frozen=True)
+class Batch:
+    images: np.ndarray  # (N, 3, 32, 32) uint8
+    labels: np.ndarray  # (N,) int64
+
+
+def parse_batch(blob: bytes, what: str) -> Batch:
+    """Decode and validate one batch of any size (mirrors and subsets are smaller than 10 000)."""
+    batch = safe_unpickle(blob, what)
+    data = _field(batch, "data", what)
+    labels = _field(batch, "labels", what)
+    row = int(np.prod(IMAGE_SHAPE))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
+            or data.shape[1] != row:
+        shape = getattr(data, "shape", None)
+        dtype = getattr(data, "dtype", type(data).__name__)
+        raise DataError(f"{what}: 'data' must be a uint8 array of shape (N, {row}), "
+                        f"found {dtype} {shape}")
+    if not isinstance(labels, (list, tuple, np.ndarray)) or \
+            not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in labels):
+        raise DataError(f"{what}: 'labels' must be a list of ints")
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) != len(data):
+        raise DataError(f"{what}: {len(data)} images but {len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise DataError(f"{what}: labels must be in 0..{NUM_CLASSES - 1}, "
+                        f"found {labels.min()}..{labels.max()}")
+    return Batch(np.ascontiguousarray(data.reshape(-1, *IMAGE_SHAPE)), labels)
+
+
+@dataclass(frozen=True)
+class Cifar10:
+    train: Batch        # all official training batches, concatenated in order
+    test: Batch         # the official test batch
+    class_names: tuple[str, ...]
+
+
+def read_archive(path: str | Path) -> Cifar10:
+    """Read and validate the official cifar-10-python.tar.gz layout, without extracting it.
+
+    Needs ``batches.meta``, ``test_batch`` and training batches ``data_batch_1..k`` with no gap;
+    the official archive has k = 5, subsets and mirrors may have fewer.
+    """
+    path = Path(path)
+    prefix = f"{ARCHIVE_DIR}/"
+    blobs: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                name = member.name[len(prefix):] if member.name.startswith(prefix) else None
+                if member.isfile() and (name in (TEST_BATCH, META_FILE)
+                                        or re.fullmatch(r"data_batch_[1-9][0-9]*", name or "")):
+                    handle = tar.extractfile(member)
+                    assert handle is not None
+                    blobs[name] = handle.read()
+    except FileNotFoundError:
+        raise DataError(f"archive not found: {path}; run the download stage first") from None
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        raise DataError(f"{path} is truncated or not a gzip'd tar archive ({exc}); delete it and "
+                        "run the download stage again") from None
+
+    train_names = sorted((n for n in blobs if n.startswith("data_batch_")),
+                         key=lambda n: int(n.rsplit("_", 1)[1]))
+    expected_train = [f"data_batch_{i}" for i in range(1, len(train_names) + 1)]
+    missing = [n for n in (META_FILE, TEST_BATCH) if n not in blobs]
+    missing += [n for n in expected_train or ["data_batch_1"] if n not in blobs]
+    if missing:
+        raise DataError(f"{path} lacks {', '.join(prefix + n for n in missing)}; it is not a "
+                        "complete cifar-10-python archive")
+    if len(train_names) < len(TRAIN_BATCHES):
+        log.warning("%s has %d training batches (the official archive has %d)",
+                    path, len(train_names), len(TRAIN_BATCHES))
+
+    meta = safe_unpickle(blobs[META_FILE], f"{path}:{META_FILE}")
+    names = _field(meta, "label_names", f"{path}:{META_FILE}")
+    if not isinstance(names, list) or len(names) != NUM_CLASSES:
+        raise DataError(f"{path}:{META_FILE}: expected {NUM_CLASSES} label_names")
+    train = [parse_batch(blobs[n], f"{path}:{n}") for n in train_names]
+    test = parse_batch(blobs[TEST_BATCH], f"{path}:{TEST_BATCH}")
+    return Cifar10(
+        train=Batch(np.concatenate([b.images for b in train]),
+                    np.concatenate([b.labels for b in train])),
+        test=test,
+        class_names=tuple(_text(n) for n in names),
+    )

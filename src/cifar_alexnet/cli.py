@@ -1,0 +1,41 @@
+"""What every stage script shares: argument parsing for params, logging, and clean failures."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable
+
+from .config import Params, load_params, split_override_string
+from .errors import PipelineError
+
+
+def stage_parser(description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE",
+                        help="override a param, e.g. --set train.lr=0.01; repeatable, and a "
+                             "comma-separated list is accepted (as MLproject passes it)")
+    return parser
+
+
+def parse_params(args: argparse.Namespace) -> Params:
+    overrides = [item for text in args.overrides for item in split_override_string(text)]
+    return load_params(args.params, overrides)
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage; a PipelineError becomes one clear line on stderr and exit status 1."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        main()
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted; outputs already written are complete, the rest were not written",
+              file=sys.stderr)
+        sys.exit(130)

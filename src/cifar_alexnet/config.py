@@ -1,0 +1,226 @@
+"""params.yaml -> frozen, typed, validated config. The only place params are read.
+
+Every stage calls :func:`load_params` before it touches any file, so an invalid value stops the
+stage before it writes anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from .errors import ConfigError
+
+ARCHS = ("alexnet", "alexnet_small", "alexnet_paper")
+DEVICES = ("auto", "cpu", "cuda")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("onecycle", "cosine", "constant")
+
+
+def _choice(*allowed: str) -> Any:
+    return field(metadata={"choices": allowed})
+
+
+def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Any:
+    return field(metadata={"range": (low, high, low_open, high_open)})
+
+
+def _pattern(regex: str, meaning: str) -> Any:
+    return field(metadata={"pattern": (regex, meaning)})
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    seed: int = _range(0)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    url: str = _pattern(r".+", "a URL (https://, file://) or a local path")
+    md5: str = _pattern(r"[0-9a-fA-F]{32}", "32 hexadecimal digits")
+    val_size: float = _range(0.0, 1.0, low_open=True, high_open=True)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = _choice(*ARCHS)
+    width: float = _range(0.0, 4.0, low_open=True)
+    dropout: float = _range(0.0, 1.0, high_open=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = _range(1)
+    batch_size: int = _range(1)
+    optimizer: str = _choice(*OPTIMIZERS)
+    lr: float = _range(0.0, low_open=True)
+    momentum: float = _range(0.0, 1.0, high_open=True)
+    weight_decay: float = _range(0.0)
+    schedule: str = _choice(*SCHEDULES)
+    device: str = _choice(*DEVICES)
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = _range(1)
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment: str = _pattern(r"\S.*", "a non-empty experiment name")
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseConfig
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    evaluate: EvaluateConfig
+    mlflow: MlflowConfig
+
+    def flat(self) -> dict[str, Any]:
+        """``{"train.lr": 0.02, ...}``: the form MLflow params and DVC ``-S`` use."""
+        return flatten(dataclasses.asdict(self))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _check_value(section: str, f: dataclasses.Field, value: Any, source: str) -> Any:
+    key = f"{section}.{f.name}"
+    expected = typing.get_type_hints(_SECTIONS[section])[f.name]
+
+    given = value
+
+    def fail(reason: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} = {given!r} is invalid: {reason}")
+
+    # bool is an int subclass in Python; `epochs: true` is a typo, not 1.
+    if expected is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise fail("expected an integer")
+    elif expected is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise fail("expected a number")
+        value = float(value)
+        if not math.isfinite(value):
+            raise fail("expected a finite number")
+    elif expected is str:
+        if not isinstance(value, str):
+            raise fail("expected a string")
+
+    meta = f.metadata
+    if "choices" in meta and value not in meta["choices"]:
+        raise fail("allowed values are " + ", ".join(meta["choices"]))
+    if "pattern" in meta:
+        regex, meaning = meta["pattern"]
+        if not re.fullmatch(regex, value):
+            raise fail(f"expected {meaning}")
+    if "range" in meta:
+        low, high, low_open, high_open = meta["range"]
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            left = "(" if low_open else "["
+            right = ")" if high_open or high is None else "]"
+            raise fail(f"must be in {left}{'-inf' if low is None else low}, "
+                       f"{'inf' if high is None else high}{right}")
+    return value
+
+
+_SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Params)}
+_SECTIONS = {name: globals()[cls] if isinstance(cls, str) else cls for name, cls in _SECTIONS.items()}
+
+
+def params_from_dict(raw: Any, source: str = "params") -> Params:
+    """Validate a raw mapping (as read from YAML) into :class:`Params`; raise ConfigError."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{source}: expected a mapping of sections "
+                          f"({', '.join(_SECTIONS)}), got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {', '.join(map(str, unknown))}; "
+                          f"allowed sections are {', '.join(_SECTIONS)}")
+    sections = {}
+    for section, cls in _SECTIONS.items():
+        fields = dataclasses.fields(cls)
+        names = [f.name for f in fields]
+        if section not in raw:
+            raise ConfigError(f"{source}: missing section '{section}' (keys: {', '.join(names)})")
+        values = raw[section]
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: section '{section}' must be a mapping of "
+                              f"{', '.join(names)}")
+        for key in values:
+            if key not in names:
+                raise ConfigError(f"{source}: unknown key '{section}.{key}'; allowed keys in "
+                                  f"'{section}' are {', '.join(names)}")
+        missing = [n for n in names if n not in values]
+        if missing:
+            raise ConfigError(f"{source}: missing key(s) "
+                              f"{', '.join(f'{section}.{n}' for n in missing)}")
+        sections[section] = cls(**{f.name: _check_value(section, f, values[f.name], source)
+                                   for f in fields})
+    return Params(**sections)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (value parsed as YAML) to a raw params mapping."""
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"override {item!r} is invalid: expected section.key=value, "
+                              "e.g. train.lr=0.01")
+        dotted, text = item.split("=", 1)
+        section, key = dotted.strip().split(".", 1)
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        target = raw.get(section)
+        if not isinstance(target, dict):
+            raise ConfigError(f"override {item!r}: unknown section '{section}'; allowed sections "
+                              f"are {', '.join(_SECTIONS)}")
+        target[key] = value
+    return raw
+
+
+def split_override_string(text: str | None) -> list[str]:
+    """Split ``"train.lr=0.01, model.dropout=0.3"`` (MLproject's single string) into items."""
+    return [part.strip() for part in (text or "").split(",") if part.strip()]
+
+
+def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
+    """Read, override and validate params; raise ConfigError naming the file and key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read params file {path}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if isinstance(raw, dict):
+        raw = apply_overrides({k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()},
+                              overrides)
+    return params_from_dict(raw, source=str(path))

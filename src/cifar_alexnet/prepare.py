@@ -1,0 +1,112 @@
+"""Prepared dataset: seeded stratified train/val split, train-only statistics, compact arrays.
+
+Format (``data/prepared/``): ``{train,val,test}.npz`` holding ``images`` (N, 3, 32, 32) uint8 and
+``labels`` (N,) int64 - 150 MB for full CIFAR-10, small enough to put on a GPU whole - and
+``meta.json`` with class names, per-channel mean/std (train split only) and split sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .archive import NUM_CLASSES, Batch, Cifar10
+from .errors import DataError
+from .io import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+META_NAME = "meta.json"
+
+
+def stratified_split(labels: np.ndarray, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, val) with class proportions kept; the same seed gives the same split."""
+    from sklearn.model_selection import train_test_split
+
+    indices = np.arange(len(labels))
+    try:
+        train_idx, val_idx = train_test_split(indices, test_size=val_size, random_state=seed,
+                                              stratify=labels)
+    except ValueError as exc:
+        raise DataError(f"cannot make a stratified split with data.val_size={val_size} of "
+                        f"{len(labels)} images: {exc}") from None
+    return np.sort(train_idx), np.sort(val_idx)
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
+    pixels = images.astype(np.float64) / 255.0
+    return pixels.mean(axis=(0, 2, 3)).tolist(), pixels.std(axis=(0, 2, 3)).tolist()
+
+
+@dataclass(frozen=True)
+class DatasetMeta:
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    sizes: dict[str, int]
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "DatasetMeta":
+        return cls(tuple(raw["class_names"]), tuple(raw["mean"]), tuple(raw["std"]),
+                   dict(raw["sizes"]))
+
+
+def prepare(data: Cifar10, val_size: float, seed: int, out_dir: str | Path,
+            source_md5: str | None = None) -> DatasetMeta:
+    """Split, measure and write the prepared dataset; statistics come from the train split only."""
+    out_dir = Path(out_dir)
+    train_idx, val_idx = stratified_split(data.train.labels, val_size, seed)
+    splits = {
+        "train": Batch(data.train.images[train_idx], data.train.labels[train_idx]),
+        "val": Batch(data.train.images[val_idx], data.train.labels[val_idx]),
+        "test": data.test,
+    }
+    mean, std = channel_stats(splits["train"].images)
+    for name, batch in splits.items():
+        with atomic_path(out_dir / f"{name}.npz") as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, images=batch.images, labels=batch.labels)
+    meta = DatasetMeta(data.class_names, tuple(mean), tuple(std),
+                       {name: int(len(b.labels)) for name, b in splits.items()})
+    write_json(out_dir / META_NAME, {
+        "class_names": list(meta.class_names),
+        "mean": list(meta.mean),
+        "std": list(meta.std),
+        "sizes": meta.sizes,
+        "class_counts": {name: np.bincount(b.labels, minlength=NUM_CLASSES).tolist()
+                         for name, b in splits.items()},
+        "val_size": val_size,
+        "seed": seed,
+        "source_md5": source_md5,
+    })
+    log.info("prepared %s -> %s (mean %s, std %s)", meta.sizes, out_dir,
+             np.round(mean, 4).tolist(), np.round(std, 4).tolist())
+    return meta
+
+
+def load_meta(prepared_dir: str | Path) -> DatasetMeta:
+    path = Path(prepared_dir) / META_NAME
+    try:
+        return DatasetMeta.from_dict(read_json(path))
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; run the prepare stage first (dvc repro prepare)") \
+            from None
+
+
+def load_split(prepared_dir: str | Path, split: str) -> Batch:
+    """Load one prepared split as numpy arrays (uint8 images, int64 labels)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    path = Path(prepared_dir) / f"{split}.npz"
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return Batch(npz["images"], npz["labels"])
+    except FileNotFoundError:
+        raise DataError(f"{path} not found; run the prepare stage first (dvc repro prepare)") \
+            from None

@@ -1,0 +1,122 @@
+"""The train and evaluate stages: training core + files + tracking, called by pipeline/ scripts.
+
+Stages meet at files: train reads ``data/prepared`` and writes ``models/``; evaluate reads both
+and is the only code that touches the test split.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import asdict
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import tracking
+from .config import ModelConfig, Params
+from .errors import DataError
+from .evaluate import evaluate_logits, write_reports
+from .io import read_json, write_json, write_text
+from .model import Classifier, build_model, count_parameters, summary
+from .plots import history_figure
+from .prepare import load_meta, load_split
+from .train import (HISTORY_FIELDS, fit, load_checkpoint, predict, resolve_device, save_checkpoint,
+                    seed_everything, to_device)
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+CHECKPOINT_FILE = "checkpoint.pt"
+RUN_FILE = "mlflow_run.json"
+
+
+def history_csv(history: list[dict[str, float]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
+                     for row in history)
+    return buffer.getvalue()
+
+
+def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_path: Path,
+                history_path: Path) -> dict[str, Any]:
+    """Train on the train split, select on val, write the best model; return train metrics."""
+    meta = load_meta(prepared_dir)
+    train_split, val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+    device = resolve_device(params.train.device)
+    seed_everything(params.base.seed, device)
+    model = build_model(params.model, meta.mean, meta.std)
+    model_summary = summary(model)
+    model.to(device)
+    log.info("training %s (width %s, %s parameters) on %s", params.model.arch,
+             params.model.width, f"{count_parameters(model):,}", device)
+
+    with tracking.training_run(params, tracking.lineage_tags("train", params.data.md5)) as run_id:
+        tracking.log_text(model_summary, "model/summary.txt")
+        tracking.log_dict({"class_names": list(meta.class_names), "mean": list(meta.mean),
+                           "std": list(meta.std), "sizes": meta.sizes}, "data/dataset_meta.json")
+        result = fit(model, to_device(train_split.images, train_split.labels, device),
+                     to_device(val_split.images, val_split.labels, device), params.train,
+                     params.base.seed, checkpoint_path=model_dir / CHECKPOINT_FILE,
+                     checkpoint_extra={"params": params.to_dict(), "mlflow_run_id": run_id},
+                     callbacks=[tracking.EpochLogger()], eval_batch_size=params.evaluate.batch_size)
+        model.load_state_dict(result.best_state)
+        save_checkpoint(model_dir / MODEL_FILE, {
+            "model_state": model.state_dict(), "model_config": asdict(params.model),
+            "class_names": list(meta.class_names), "epoch": result.best_epoch,
+            "val_acc": result.best_val_acc, "mlflow_run_id": run_id,
+        })
+        last = result.history[-1]
+        metrics = {"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
+                   "final_train_loss": last["train_loss"], "final_train_acc": last["train_acc"],
+                   "final_val_loss": last["val_loss"], "final_val_acc": last["val_acc"],
+                   "seconds_per_epoch": sum(r["seconds"] for r in result.history)
+                   / len(result.history),
+                   "parameters": count_parameters(model)}
+        write_text(history_path, history_csv(result.history))
+        write_json(metrics_path, metrics)
+        tracking.log_metrics({"best_val_acc": result.best_val_acc,
+                              "best_epoch": result.best_epoch})
+        tracking.log_figure(history_figure(result.history), "curves/training_curves.png")
+        tracking.log_text(history_csv(result.history), "curves/train_history.csv")
+        model_uri = tracking.log_model(model, val_split.images[:2])
+        write_json(model_dir / RUN_FILE, {"run_id": run_id, "model_uri": model_uri,
+                                          "experiment": params.mlflow.experiment})
+    return metrics
+
+
+def load_trained_model(model_dir: Path) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the exact trained model from the config stored beside its weights."""
+    path = model_dir / MODEL_FILE
+    if not path.is_file():
+        raise DataError(f"{path} not found; run the train stage first (dvc repro train)")
+    payload = load_checkpoint(path)
+    model = build_model(ModelConfig(**payload["model_config"]))
+    model.load_state_dict(payload["model_state"])  # also restores the normalisation buffers
+    return model, payload
+
+
+def evaluate_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_path: Path,
+                   reports_dir: Path) -> dict[str, float]:
+    """Score the best model on the test split; write reports; log them to the training run."""
+    meta = load_meta(prepared_dir)
+    test = load_split(prepared_dir, "test")
+    device = resolve_device(params.train.device)
+    model, payload = load_trained_model(model_dir)
+    model.to(device)
+    images, labels = to_device(test.images, test.labels, device)
+    evaluation = evaluate_logits(predict(model, images, params.evaluate.batch_size), labels,
+                                 meta.class_names)
+    files = write_reports(evaluation, test.labels, meta.class_names, reports_dir)
+    write_json(metrics_path, evaluation.metrics)
+    log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
+
+    run_id = read_json(model_dir / RUN_FILE)["run_id"]
+    with tracking.resumed_run(run_id, tracking.lineage_tags("evaluate", params.data.md5)):
+        tracking.log_metrics(evaluation.metrics, prefix="test/")
+        tracking.log_files(files + [metrics_path], "evaluation")
+    return evaluation.metrics

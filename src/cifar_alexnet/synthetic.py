@@ -1,0 +1,95 @@
+"""Tiny CIFAR-10 look-alike archives in the official layout, for tests, CI and offline smoke runs.
+
+Each class has its own colour and vertical gradient (both survive crops and horizontal flips),
+plus per-image noise, so a small network learns it in a few epochs. Archives are byte-for-byte
+reproducible for a given seed (fixed tar and gzip timestamps), so their md5 is stable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from .archive import (ARCHIVE_DIR, IMAGE_SHAPE, META_FILE, NUM_CLASSES, OFFICIAL_CLASS_NAMES,
+                      TEST_BATCH, TRAIN_BATCHES)
+from .download import md5sum
+
+
+def make_images(n: int, rng: np.random.Generator, noise: float = 48.0) -> tuple[np.ndarray, list[int]]:
+    """(n, 3072) uint8 rows (channel-major, like the archive) and balanced int labels."""
+    labels = np.arange(n) % NUM_CLASSES
+    rng.shuffle(labels)
+    proto_rng = np.random.default_rng(1234)  # the same class look in every split
+    colours = proto_rng.uniform(40, 215, size=(NUM_CLASSES, 3, 1, 1))
+    slopes = proto_rng.uniform(-3, 3, size=(NUM_CLASSES, 1, 1, 1))
+    rows = np.arange(IMAGE_SHAPE[1], dtype=np.float64).reshape(1, 1, -1, 1) - IMAGE_SHAPE[1] / 2
+    images = colours[labels] + slopes[labels] * rows + rng.normal(0, noise, size=(n, *IMAGE_SHAPE))
+    images = np.clip(images, 0, 255).astype(np.uint8).reshape(n, -1)
+    return images, labels.tolist()
+
+
+def pickle_batch(data: object, labels: object, batch_label: str = "synthetic") -> bytes:
+    """A batch pickled like the official files: protocol 2, bytes keys."""
+    return pickle.dumps({b"batch_label": batch_label.encode(), b"labels": labels, b"data": data,
+                         b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]},
+                        protocol=2)
+
+
+def meta_pickle(num_cases_per_batch: int) -> bytes:
+    return pickle.dumps({b"num_cases_per_batch": num_cases_per_batch,
+                         b"label_names": [name.encode() for name in OFFICIAL_CLASS_NAMES],
+                         b"num_vis": int(np.prod(IMAGE_SHAPE))}, protocol=2)
+
+
+def write_tar_gz(path: str | Path, members: dict[str, bytes]) -> str:
+    """Write ``{member name: bytes}`` as a reproducible .tar.gz; return its md5."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(blob), 0, 0o644
+            tar.addfile(info, io.BytesIO(blob))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh, gzip.GzipFile(filename="", fileobj=fh, mode="wb", mtime=0) as gz:
+        gz.write(raw.getvalue())
+    return md5sum(path)
+
+
+def archive_members(per_batch: int, n_test: int, seed: int = 0,
+                    n_train_batches: int = len(TRAIN_BATCHES)) -> dict[str, bytes]:
+    rng = np.random.default_rng(seed)
+    members = {f"{ARCHIVE_DIR}/{META_FILE}": meta_pickle(per_batch)}
+    for name in TRAIN_BATCHES[:n_train_batches]:
+        data, labels = make_images(per_batch, rng)
+        members[f"{ARCHIVE_DIR}/{name}"] = pickle_batch(data, labels, name)
+    data, labels = make_images(n_test, rng)
+    members[f"{ARCHIVE_DIR}/{TEST_BATCH}"] = pickle_batch(data, labels, TEST_BATCH)
+    return members
+
+
+def write_synthetic_archive(path: str | Path, per_batch: int = 100, n_test: int = 200,
+                            seed: int = 0) -> str:
+    """Write a learnable CIFAR-10-format archive with 5 training batches; return its md5."""
+    return write_tar_gz(path, archive_members(per_batch, n_test, seed))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", type=Path, help="where to write the .tar.gz")
+    parser.add_argument("--per-batch", type=int, default=100, help="images per training batch")
+    parser.add_argument("--test", type=int, default=200, help="images in test_batch")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    md5 = write_synthetic_archive(args.output, args.per_batch, args.test, args.seed)
+    print(f"url: file://{args.output.resolve()}\nmd5: {md5}")
+
+
+if __name__ == "__main__":
+    main()

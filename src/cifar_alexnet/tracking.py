@@ -1,0 +1,127 @@
+"""Everything that talks to MLflow. The only module that imports mlflow.
+
+Tracking store: ``MLFLOW_TRACKING_URI`` when set, else MLflow's default (``sqlite:///mlflow.db``
+with artifacts in ``./mlruns`` under the working directory, i.e. the repository root for
+``dvc repro``), so ``mlflow ui`` started from the root shows every run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import mlflow
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from mlflow.models import infer_signature
+
+from .config import Params
+
+log = logging.getLogger(__name__)
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+MODEL_ARTIFACT = "model"
+
+
+def git_state(cwd: str | Path = ".") -> dict[str, str]:
+    """Commit and dirtiness of the git tree the stage runs in (empty outside git)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"git.commit": commit, "git.dirty": str(dirty).lower()}
+
+
+def lineage_tags(stage: str, data_md5: str | None) -> dict[str, str]:
+    tags = {"dvc.stage": stage, **git_state()}
+    if data_md5:
+        tags["data.md5"] = data_md5
+    return tags
+
+
+class EpochLogger:
+    """Training callback: one MLflow step per epoch, metrics namespaced by split."""
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        mlflow.log_metrics({"train/loss": row["train_loss"], "train/acc": row["train_acc"],
+                            "val/loss": row["val_loss"], "val/acc": row["val_acc"],
+                            "lr": row["lr"], "epoch_seconds": row["seconds"]},
+                           step=int(row["epoch"]))
+
+
+@contextlib.contextmanager
+def training_run(params: Params, tags: dict[str, str]) -> Iterator[str]:
+    """Start the pipeline's MLflow run; log flattened and effective params; yield the run id.
+
+    An exception inside marks the run FAILED (MLflow's context manager does that).
+    """
+    mlflow.set_experiment(params.mlflow.experiment)
+    with mlflow.start_run(tags=tags) as run:
+        mlflow.log_params(params.flat())
+        mlflow.log_dict(params.to_dict(), "params/effective_params.json")
+        log.info("MLflow run %s in experiment '%s' (%s)", run.info.run_id,
+                 params.mlflow.experiment, mlflow.get_tracking_uri())
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def resumed_run(run_id: str, tags: dict[str, str]) -> Iterator[str]:
+    """Reopen the training stage's run so evaluation lands in the same run."""
+    with mlflow.start_run(run_id=run_id) as run:
+        mlflow.set_tags(tags)
+        yield run.info.run_id
+
+
+def log_metrics(metrics: dict[str, float], prefix: str = "", step: int | None = None) -> None:
+    mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_text(text: str, artifact_file: str) -> None:
+    mlflow.log_text(text, artifact_file)
+
+
+def log_dict(data: dict[str, Any], artifact_file: str) -> None:
+    mlflow.log_dict(data, artifact_file)
+
+
+def log_figure(figure: Figure, artifact_file: str) -> None:
+    mlflow.log_figure(figure, artifact_file)
+
+
+def log_files(paths: Sequence[str | Path], artifact_dir: str) -> None:
+    for path in paths:
+        mlflow.log_artifact(str(path), artifact_dir)
+
+
+def log_model(model: torch.nn.Module, example_images: np.ndarray) -> str:
+    """Log the model (pt2 format: no pickle) with a signature and an input example.
+
+    ``example_images`` must hold at least 2 images: torch.export bakes a batch of 1 into the
+    graph as a constant, which would make the served model reject other batch sizes.
+    """
+    model = model.cpu().eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(example_images)).numpy()
+    info = mlflow.pytorch.log_model(
+        model, name=MODEL_ARTIFACT, input_example=example_images,
+        signature=infer_signature(example_images, logits),
+        serialization_format="pt2",
+        # An explicit list skips MLflow's slow requirement inference.
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+    )
+    return info.model_uri
+
+
+def load_logged_model(model_uri: str) -> Any:
+    """Load a logged model back as a pyfunc (what ``mlflow models serve`` would use)."""
+    return mlflow.pyfunc.load_model(model_uri)

@@ -1,0 +1,197 @@
+"""Training core: torch only (no MLflow, DVC or Optuna), so it runs anywhere torch does.
+
+``fit`` returns the best validation accuracy, which is what a tuner needs; reporting goes through
+callbacks. The dataset lives on the training device whole and batches are augmented there.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .errors import PipelineError
+from .io import atomic_path
+from .transforms import random_crop_flip
+
+log = logging.getLogger(__name__)
+
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds")
+
+
+class TrainingDiverged(PipelineError):
+    """The loss became NaN or infinite."""
+
+
+class EpochCallback(Protocol):
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        """Called once per epoch with a row holding :data:`HISTORY_FIELDS`."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present; asking for ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device is 'cuda' but no CUDA GPU is visible; "
+                            "use train.device=auto or cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, device: torch.device) -> None:
+    """Seed every RNG; on CPU also insist on deterministic kernels (bit-identical reruns)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if device.type == "cpu":
+        torch.use_deterministic_algorithms(True)
+
+
+def to_device(images: np.ndarray, labels: np.ndarray,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move a whole split to ``device`` once: uint8 images (N,3,32,32), int64 labels (N,)."""
+    return (torch.from_numpy(np.ascontiguousarray(images)).to(device),
+            torch.from_numpy(np.ascontiguousarray(labels)).to(device))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Logits (N, classes) for images already on the model's device, in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        return torch.cat([model(images[i:i + batch_size])
+                          for i in range(0, len(images), batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    loss = F.cross_entropy(logits.float(), labels).item()
+    accuracy = (logits.argmax(1) == labels).float().mean().item()
+    return loss, accuracy
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                   total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Stepped once per batch. One-cycle warms up for 25% of the run, then anneals to ~0."""
+    if cfg.schedule == "onecycle":
+        # cycle_momentum=False: honour train.momentum instead of OneCycle's own 0.85..0.95.
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25,
+            cycle_momentum=False)
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+
+
+@dataclass
+class TrainResult:
+    best_val_acc: float
+    best_epoch: int
+    best_state: dict[str, torch.Tensor]
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+        val: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, seed: int,
+        checkpoint_path: str | Path | None = None, checkpoint_extra: dict[str, Any] | None = None,
+        callbacks: Iterable[EpochCallback] = (), eval_batch_size: int = 1000) -> TrainResult:
+    """Train ``model`` (already on the data's device) and keep its best-validation weights.
+
+    Each epoch writes ``checkpoint_path`` atomically (model, optimizer, scheduler, epoch, and
+    ``checkpoint_extra`` such as the params) and calls every callback with the epoch's row.
+    """
+    train_images, train_labels = train
+    val_images, val_labels = val
+    device = train_images.device
+    callbacks = list(callbacks)
+    n = len(train_labels)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
+    # Shuffling draws from a CPU generator so the order is the same on every device.
+    order_gen = torch.Generator().manual_seed(seed)
+    augment_gen = torch.Generator(device=device).manual_seed(seed + 1)
+
+    best = TrainResult(best_val_acc=-1.0, best_epoch=0, best_state={})
+    for epoch in range(1, cfg.epochs + 1):
+        started = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        model.train()
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        order = torch.randperm(n, generator=order_gen).to(device)
+        for start in tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
+                          unit="batch", leave=False, disable=None):
+            idx = order[start:start + cfg.batch_size]
+            images = random_crop_flip(train_images[idx], augment_gen)
+            labels = train_labels[idx]
+            logits = model(images)
+            loss = F.cross_entropy(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            # Accumulate on the device: no host sync inside the batch loop.
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.argmax(1) == labels).sum()
+
+        train_loss = loss_sum.item() / n
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"training loss became {train_loss} in epoch {epoch} (train.lr={cfg.lr}); "
+                "lower train.lr (e.g. by 10x) and run again")
+        val_loss, val_acc = loss_and_accuracy(
+            predict(model, val_images, eval_batch_size), val_labels)
+        row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / n,
+               "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
+               "seconds": time.perf_counter() - started}
+        best.history.append(row)
+        if val_acc > best.best_val_acc:
+            best.best_val_acc, best.best_epoch = val_acc, epoch
+            best.best_state = copy.deepcopy(model.state_dict())
+        log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs",
+                 epoch, cfg.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc,
+                 row["seconds"])
+        if checkpoint_path is not None:
+            save_checkpoint(checkpoint_path, {
+                "epoch": epoch,
+                "model_state": model.state_dict(),
+                "optimizer_state": optimizer.state_dict(),
+                "scheduler_state": scheduler.state_dict(),
+                "train_config": asdict(cfg),
+                **(checkpoint_extra or {}),
+            })
+        for callback in callbacks:
+            callback.on_epoch_end(row)
+    return best
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint without executing pickled code (tensors and plain containers only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)

@@ -1,0 +1,32 @@
+"""Training augmentation, applied to whole batches on the training device (no per-image loop).
+
+Normalisation is not here: it is the model's first layer (:class:`model.InputAdapter`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+CROP_PADDING = 4
+
+
+def random_crop_flip(images: torch.Tensor, generator: torch.Generator,
+                     padding: int = CROP_PADDING) -> torch.Tensor:
+    """Per image: a random crop from the zero-padded image and a horizontal flip with p=0.5.
+
+    images: (N, C, H, W), any dtype; returns the same shape and dtype on the same device.
+    """
+    n, _, h, w = images.shape
+    device = images.device
+    padded = F.pad(images, (padding, padding, padding, padding))          # (N, C, H+2p, W+2p)
+    dy = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), device=device, generator=generator)
+    flip = torch.rand(n, device=device, generator=generator) < 0.5
+    rows = dy[:, None] + torch.arange(h, device=device)                   # (N, H)
+    cols = dx[:, None] + torch.arange(w, device=device)                   # (N, W)
+    # Reading columns right-to-left flips the crop horizontally.
+    cols = torch.where(flip[:, None], cols.flip(1), cols)
+    batch = torch.arange(n, device=device)[:, None, None]
+    crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
+    return crops.permute(0, 3, 1, 2).contiguous()

@@ -1,0 +1,125 @@
+"""Shared fixtures: a generated CIFAR-10-format archive and a tiny, fast CPU configuration."""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from cifar_alexnet.config import params_from_dict
+from cifar_alexnet.synthetic import write_synthetic_archive
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "MLproject", "pipeline", "src", ".dvc/config",
+                 ".dvcignore", ".gitignore", "data/.gitignore")
+
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+# Tiny CPU settings that still learn the synthetic classes in seconds.
+TINY = {
+    "model": {"arch": "alexnet", "width": 0.0625, "dropout": 0.1},
+    "train": {"epochs": 4, "batch_size": 32, "optimizer": "adamw", "lr": 0.002,
+              "weight_decay": 0.0005, "schedule": "onecycle", "device": "cpu"},
+}
+
+
+@dataclass(frozen=True)
+class Archive:
+    path: Path
+    md5: str
+
+    @property
+    def url(self) -> str:
+        return self.path.resolve().as_uri()
+
+
+@pytest.fixture(scope="session")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Archive:
+    """5 training batches of 100 images and a test batch of 200, official layout."""
+    path = tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz"
+    return Archive(path, write_synthetic_archive(path, per_batch=100, n_test=200, seed=0))
+
+
+def default_params() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def tiny_params(archive: Archive, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The project's params.yaml pointed at ``archive`` with TINY settings (+ overrides)."""
+    raw = default_params()
+    raw["data"].update(url=archive.url, md5=archive.md5)
+    for section, values in {**copy.deepcopy(TINY)}.items():
+        raw[section].update(values)
+    for section, values in sections.items():
+        raw[section].update(values)
+    return raw
+
+
+def write_params(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def params(archive: Archive):
+    return params_from_dict(tiny_params(archive))
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A real SQLite MLflow store in the test's directory (artifacts beside it)."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: this interpreter's bin first (DVC runs `python`)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_RUN_ID", None)
+    env.update(extra)
+    return env
+
+
+def make_project(dest: Path, raw_params: dict[str, Any]) -> Path:
+    """A fresh git repository holding the project's pipeline files and the given params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__",
+                                                                              "*.egg-info"))
+        elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    write_params(dest / "params.yaml", raw_params)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "project"], cwd=dest, check=True)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def dvc(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, timeout=timeout)
+
+
+def stage_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(ROOT / "pipeline" / f"{name}.py"), *args], cwd=cwd)

@@ -1,0 +1,90 @@
+import dataclasses
+
+import pytest
+
+from cifar_alexnet.config import ARCHS, DEVICES, ConfigError, load_params, params_from_dict
+
+from conftest import ROOT, default_params, stage_script, tiny_params, write_params
+
+
+def test_project_params_file_loads_into_frozen_typed_config():
+    params = load_params(ROOT / "params.yaml")
+    assert params.model.arch in ARCHS and params.train.device in DEVICES
+    assert isinstance(params.train.lr, float) and isinstance(params.train.epochs, int)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.train.lr = 1.0  # type: ignore[misc]
+    flat = params.flat()
+    assert flat["train.lr"] == params.train.lr and flat["data.md5"] == params.data.md5
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("train", "lr", 0, "train.lr = 0 is invalid: must be in (0"),
+    ("train", "lr", -0.1, "train.lr = -0.1 is invalid"),
+    ("model", "dropout", 1.0, "model.dropout = 1.0 is invalid: must be in [0.0, 1.0)"),
+    ("model", "dropout", -0.1, "model.dropout = -0.1 is invalid"),
+    ("train", "epochs", 0, "train.epochs = 0 is invalid: must be in [1"),
+    ("train", "epochs", 2.5, "train.epochs = 2.5 is invalid: expected an integer"),
+    ("train", "epochs", True, "expected an integer"),
+    ("data", "val_size", 0.0, "data.val_size = 0.0 is invalid: must be in (0.0, 1.0)"),
+    ("data", "val_size", 1, "data.val_size = 1 is invalid"),
+    ("model", "arch", "vgg16", "allowed values are alexnet, alexnet_small, alexnet_paper"),
+    ("train", "device", "tpu", "allowed values are auto, cpu, cuda"),
+    ("train", "lr", "fast", "expected a number"),
+    ("data", "md5", "abc", "expected 32 hexadecimal digits"),
+])
+def test_invalid_values_are_rejected_naming_key_and_allowed_values(section, key, value, message):
+    raw = default_params()
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=None) as info:
+        params_from_dict(raw, "params.yaml")
+    assert message in str(info.value)
+
+
+def test_unknown_key_lists_allowed_keys():
+    raw = default_params()
+    raw["train"]["learning_rate"] = 0.1
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw)
+    assert "unknown key 'train.learning_rate'" in str(info.value)
+    assert "lr" in str(info.value) and "epochs" in str(info.value)
+
+
+def test_unknown_and_missing_sections_and_keys():
+    raw = default_params()
+    raw["extra"] = {}
+    with pytest.raises(ConfigError, match="unknown section"):
+        params_from_dict(raw)
+    raw = default_params()
+    del raw["model"]
+    with pytest.raises(ConfigError, match="missing section 'model'"):
+        params_from_dict(raw)
+    raw = default_params()
+    del raw["train"]["lr"]
+    with pytest.raises(ConfigError, match="missing key.*train.lr"):
+        params_from_dict(raw)
+
+
+def test_yaml_syntax_error_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: {lr: [0.1\n")
+    with pytest.raises(ConfigError, match="params.yaml is not valid YAML"):
+        load_params(path)
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    path = write_params(tmp_path / "params.yaml", default_params())
+    params = load_params(path, ["train.lr=0.5", "model.arch=alexnet_small"])
+    assert params.train.lr == 0.5 and params.model.arch == "alexnet_small"
+    with pytest.raises(ConfigError, match="train.lr = -1 is invalid"):
+        load_params(path, ["train.lr=-1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_params(path, ["lr"])
+
+
+def test_stage_with_invalid_params_exits_nonzero_and_writes_nothing(tmp_path, archive):
+    write_params(tmp_path / "params.yaml", tiny_params(archive, train={"lr": -1}))
+    result = stage_script("download", "--out", "data/raw/archive.tar.gz", cwd=tmp_path)
+    assert result.returncode == 1
+    assert "train.lr = -1 is invalid" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "data").exists()
