@@ -54,7 +54,7 @@ def test_repro_produces_every_output(repro):
         assert (project / path).is_file(), path
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     assert {"accuracy", "loss", "macro_f1", "weighted_f1"} <= set(evaluation)
-    assert evaluation["accuracy"] > 0.5  # the synthetic classes are learnable; chance is 0.1
+    assert evaluation["accuracy"] > 0.4  # 4x chance: the synthetic classes are learnable
     history = pd.read_csv(project / "metrics/train_history.csv")
     assert history["epoch"].tolist() == [1, 2, 3, 4]
     report = pd.read_csv(project / "reports/classification_report.csv", index_col="class")
@@ -105,6 +105,8 @@ def test_mlflow_run_holds_params_history_metrics_artifacts_and_tags(repro, clien
     evaluation_files = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}
     assert {"confusion_matrix.png", "classification_report.csv", "evaluate.json"} <= \
         evaluation_files
+    data_files = {Path(a.path).name for a in client.list_artifacts(run_id, "data")}
+    assert {"augmented_train_samples.png", "dataset_meta.json"} <= data_files
     summary = client.download_artifacts(run_id, "model/summary.txt", str(project / "dl"))
     assert "net.features.0" in Path(summary).read_text()
 
@@ -202,8 +204,7 @@ def test_wrong_md5_stops_the_pipeline(archive, tmp_path):
     result = dvc("repro", cwd=project)
     assert result.returncode != 0
     assert f"expected {'f' * 32}" in result.stderr and f"found {archive.md5}" in result.stderr
-    assert not (project / "data/raw/cifar-10-python.tar.gz").exists()
-    assert list((project / "data/raw").glob("*")) == [] if (project / "data/raw").exists() else True
+    assert not any((project / "data/raw").glob("*"))  # no archive, no partial download
     assert_nothing_downstream(project)
 
 
@@ -234,10 +235,15 @@ def test_bad_archive_with_matching_md5_stops_prepare(archive, tmp_path, kind):
     assert_nothing_downstream(project)
 
 
-def test_mlflow_project_entry_point_runs_a_stage(repro, tmp_path):
+def test_mlflow_project_entry_point_trains_with_overrides_in_its_own_run(repro, client):
     project, _ = repro
-    result = run([sys.executable, "-m", "mlflow", "run", ".", "-e", "prepare", "--env-manager",
-                  "local", "-P", "overrides=data.val_size=0.2"], cwd=project, timeout=300)
+    result = run([sys.executable, "-m", "mlflow", "run", ".", "-e", "train", "--env-manager",
+                  "local", "-P", "overrides=train.epochs=1,model.dropout=0.2"],
+                 cwd=project, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    meta = json.loads((project / "data/prepared/meta.json").read_text())
-    assert meta["sizes"]["val"] == 100 and meta["val_size"] == 0.2
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    assert f"Run (ID '{run_id}') succeeded" in result.stderr  # the run `mlflow run` created
+    logged = client.get_run(run_id)
+    assert logged.data.params["train.epochs"] == "1"
+    assert logged.data.params["model.dropout"] == "0.2"
+    assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1]

@@ -13,7 +13,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torchvision.utils import make_grid
 
 from . import tracking
 from .config import ModelConfig, Params
@@ -23,6 +25,7 @@ from .io import read_json, write_json, write_text
 from .model import Classifier, build_model, count_parameters, summary
 from .plots import history_figure
 from .prepare import load_meta, load_split
+from .transforms import random_crop_flip
 from .train import (HISTORY_FIELDS, fit, load_checkpoint, predict, resolve_device, save_checkpoint,
                     seed_everything, to_device)
 
@@ -42,6 +45,12 @@ def history_csv(history: list[dict[str, float]]) -> str:
     return buffer.getvalue()
 
 
+def augmented_grid(images: np.ndarray, seed: int) -> np.ndarray:
+    """What the network sees in training: an 8-wide grid of augmented images, (H, W, 3) uint8."""
+    batch = random_crop_flip(torch.from_numpy(images), torch.Generator().manual_seed(seed))
+    return make_grid(batch, nrow=8, padding=2).permute(1, 2, 0).numpy()
+
+
 def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_path: Path,
                 history_path: Path) -> dict[str, Any]:
     """Train on the train split, select on val, write the best model; return train metrics."""
@@ -59,6 +68,8 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
         tracking.log_text(model_summary, "model/summary.txt")
         tracking.log_dict({"class_names": list(meta.class_names), "mean": list(meta.mean),
                            "std": list(meta.std), "sizes": meta.sizes}, "data/dataset_meta.json")
+        tracking.log_image(augmented_grid(train_split.images[:64], params.base.seed),
+                           "data/augmented_train_samples.png")
         result = fit(model, to_device(train_split.images, train_split.labels, device),
                      to_device(val_split.images, val_split.labels, device), params.train,
                      params.base.seed, checkpoint_path=model_dir / CHECKPOINT_FILE,

@@ -1,7 +1,8 @@
 """Tiny CIFAR-10 look-alike archives in the official layout, for tests, CI and offline smoke runs.
 
 Each class has its own colour and vertical gradient (both survive crops and horizontal flips),
-plus per-image noise, so a small network learns it in a few epochs. Archives are byte-for-byte
+plus a per-image colour shift and per-pixel noise, so a small network learns it in a few epochs
+but not perfectly. Archives are byte-for-byte
 reproducible for a given seed (fixed tar and gzip timestamps), so their md5 is stable.
 """
 
@@ -29,7 +30,10 @@ def make_images(n: int, rng: np.random.Generator, noise: float = 48.0) -> tuple[
     colours = proto_rng.uniform(40, 215, size=(NUM_CLASSES, 3, 1, 1))
     slopes = proto_rng.uniform(-3, 3, size=(NUM_CLASSES, 1, 1, 1))
     rows = np.arange(IMAGE_SHAPE[1], dtype=np.float64).reshape(1, 1, -1, 1) - IMAGE_SHAPE[1] / 2
-    images = colours[labels] + slopes[labels] * rows + rng.normal(0, noise, size=(n, *IMAGE_SHAPE))
+    # Per-image colour shifts do not average out over pixels, so classes overlap for real.
+    shifts = rng.normal(0, noise / 2, size=(n, 3, 1, 1))
+    images = (colours[labels] + slopes[labels] * rows + shifts
+              + rng.normal(0, noise, size=(n, *IMAGE_SHAPE)))
     images = np.clip(images, 0, 255).astype(np.uint8).reshape(n, -1)
     return images, labels.tolist()
 
@@ -63,21 +67,25 @@ def write_tar_gz(path: str | Path, members: dict[str, bytes]) -> str:
 
 
 def archive_members(per_batch: int, n_test: int, seed: int = 0,
-                    n_train_batches: int = len(TRAIN_BATCHES)) -> dict[str, bytes]:
+                    n_train_batches: int = len(TRAIN_BATCHES),
+                    noise: float = 48.0) -> dict[str, bytes]:
     rng = np.random.default_rng(seed)
     members = {f"{ARCHIVE_DIR}/{META_FILE}": meta_pickle(per_batch)}
     for name in TRAIN_BATCHES[:n_train_batches]:
-        data, labels = make_images(per_batch, rng)
+        data, labels = make_images(per_batch, rng, noise)
         members[f"{ARCHIVE_DIR}/{name}"] = pickle_batch(data, labels, name)
-    data, labels = make_images(n_test, rng)
+    data, labels = make_images(n_test, rng, noise)
     members[f"{ARCHIVE_DIR}/{TEST_BATCH}"] = pickle_batch(data, labels, TEST_BATCH)
     return members
 
 
 def write_synthetic_archive(path: str | Path, per_batch: int = 100, n_test: int = 200,
-                            seed: int = 0) -> str:
-    """Write a learnable CIFAR-10-format archive with 5 training batches; return its md5."""
-    return write_tar_gz(path, archive_members(per_batch, n_test, seed))
+                            seed: int = 0, noise: float = 48.0) -> str:
+    """Write a learnable CIFAR-10-format archive with 5 training batches; return its md5.
+
+    ``noise`` is the per-pixel standard deviation: higher makes the classes harder to tell apart.
+    """
+    return write_tar_gz(path, archive_members(per_batch, n_test, seed, noise=noise))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -86,8 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--per-batch", type=int, default=100, help="images per training batch")
     parser.add_argument("--test", type=int, default=200, help="images in test_batch")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise", type=float, default=48.0,
+                        help="per-pixel noise std; higher is harder (default: %(default)s)")
     args = parser.parse_args(argv)
-    md5 = write_synthetic_archive(args.output, args.per_batch, args.test, args.seed)
+    md5 = write_synthetic_archive(args.output, args.per_batch, args.test, args.seed, args.noise)
     print(f"url: file://{args.output.resolve()}\nmd5: {md5}")
 
 

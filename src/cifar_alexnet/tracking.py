@@ -24,8 +24,6 @@ from .config import Params
 
 log = logging.getLogger(__name__)
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 MODEL_ARTIFACT = "model"
 
 
@@ -65,12 +63,15 @@ def training_run(params: Params, tags: dict[str, str]) -> Iterator[str]:
 
     An exception inside marks the run FAILED (MLflow's context manager does that).
     """
-    mlflow.set_experiment(params.mlflow.experiment)
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(params.mlflow.experiment)
+    # else: `mlflow run` created the run (in the experiment it was given) and start_run()
+    # continues it; setting another experiment here would make MLflow refuse the run.
     with mlflow.start_run(tags=tags) as run:
         mlflow.log_params(params.flat())
         mlflow.log_dict(params.to_dict(), "params/effective_params.json")
-        log.info("MLflow run %s in experiment '%s' (%s)", run.info.run_id,
-                 params.mlflow.experiment, mlflow.get_tracking_uri())
+        log.info("MLflow run %s in experiment %s (%s)", run.info.run_id,
+                 run.info.experiment_id, mlflow.get_tracking_uri())
         yield run.info.run_id
 
 
@@ -96,6 +97,10 @@ def log_dict(data: dict[str, Any], artifact_file: str) -> None:
 
 def log_figure(figure: Figure, artifact_file: str) -> None:
     mlflow.log_figure(figure, artifact_file)
+
+
+def log_image(image: np.ndarray, artifact_file: str) -> None:
+    mlflow.log_image(image, artifact_file=artifact_file)
 
 
 def log_files(paths: Sequence[str | Path], artifact_dir: str) -> None:
