@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import subprocess
@@ -57,9 +56,7 @@ def tiny_params(archive: Archive, **sections: dict[str, Any]) -> dict[str, Any]:
     """The project's params.yaml pointed at ``archive`` with TINY settings (+ overrides)."""
     raw = default_params()
     raw["data"].update(url=archive.url, md5=archive.md5)
-    for section, values in {**copy.deepcopy(TINY)}.items():
-        raw[section].update(values)
-    for section, values in sections.items():
+    for section, values in [*TINY.items(), *sections.items()]:
         raw[section].update(values)
     return raw
 
@@ -72,15 +69,6 @@ def write_params(path: Path, raw: dict[str, Any]) -> Path:
 @pytest.fixture
 def params(archive: Archive):
     return params_from_dict(tiny_params(archive))
-
-
-@pytest.fixture
-def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A real SQLite MLflow store in the test's directory (artifacts beside it)."""
-    monkeypatch.chdir(tmp_path)
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    return uri
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

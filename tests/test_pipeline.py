@@ -111,7 +111,7 @@ def test_mlflow_run_holds_params_history_metrics_artifacts_and_tags(repro, clien
     assert "net.features.0" in Path(summary).read_text()
 
 
-def test_logged_model_loads_and_predicts_like_the_dvc_model(repro, run_id):
+def test_logged_model_loads_and_predicts_like_the_dvc_model(repro, run_id, monkeypatch):
     import mlflow
     import numpy as np
     import torch
@@ -120,14 +120,11 @@ def test_logged_model_loads_and_predicts_like_the_dvc_model(repro, run_id):
     from cifar_alexnet.stages import load_trained_model
 
     project, _ = repro
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
-    try:
-        model_uri = json.loads((project / "models/mlflow_run.json").read_text())["model_uri"]
-        logged = mlflow.pyfunc.load_model(model_uri)
-        images = load_split(project / "data/prepared", "test").images[:5]
-        served = np.asarray(logged.predict(images))
-    finally:
-        del os.environ["MLFLOW_TRACKING_URI"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
+    model_uri = json.loads((project / "models/mlflow_run.json").read_text())["model_uri"]
+    logged = mlflow.pyfunc.load_model(model_uri)
+    images = load_split(project / "data/prepared", "test").images[:5]
+    served = np.asarray(logged.predict(images))
     model, _ = load_trained_model(project / "models")
     with torch.no_grad():
         expected = model.eval()(torch.from_numpy(images)).numpy()
@@ -247,3 +244,14 @@ def test_mlflow_project_entry_point_trains_with_overrides_in_its_own_run(repro, 
     assert logged.data.params["train.epochs"] == "1"
     assert logged.data.params["model.dropout"] == "0.2"
     assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1]
+
+
+def test_evaluate_against_a_store_without_the_training_run_fails_clearly(repro, tmp_path):
+    project, _ = repro
+    other_store = f"sqlite:///{tmp_path / 'other.db'}"
+    result = run([sys.executable, "pipeline/stage.py", "evaluate", "--metrics",
+                  str(tmp_path / "evaluate.json")], cwd=project, MLFLOW_TRACKING_URI=other_store)
+    assert result.returncode == 1
+    assert "is not in the tracking store" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "evaluate.json").exists()

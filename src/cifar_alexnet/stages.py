@@ -7,9 +7,9 @@ and is the only code that touches the test split.
 from __future__ import annotations
 
 import csv
-from dataclasses import asdict
 import io
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,13 @@ from . import tracking
 from .config import ModelConfig, Params
 from .errors import DataError
 from .evaluate import evaluate_logits, write_reports
-from .io import read_json, write_json, write_text
+from .io import write_json, write_text
 from .model import Classifier, build_model, count_parameters, summary
 from .plots import history_figure
 from .prepare import load_meta, load_split
-from .transforms import random_crop_flip
 from .train import (HISTORY_FIELDS, fit, load_checkpoint, predict, resolve_device, save_checkpoint,
                     seed_everything, to_device)
+from .transforms import random_crop_flip
 
 log = logging.getLogger(__name__)
 
@@ -88,12 +88,13 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
                    "seconds_per_epoch": sum(r["seconds"] for r in result.history)
                    / len(result.history),
                    "parameters": count_parameters(model)}
-        write_text(history_path, history_csv(result.history))
+        history = history_csv(result.history)
+        write_text(history_path, history)
         write_json(metrics_path, metrics)
         tracking.log_metrics({"best_val_acc": result.best_val_acc,
                               "best_epoch": result.best_epoch})
         tracking.log_figure(history_figure(result.history), "curves/training_curves.png")
-        tracking.log_text(history_csv(result.history), "curves/train_history.csv")
+        tracking.log_text(history, "curves/train_history.csv")
         model_uri = tracking.log_model(model, val_split.images[:2])
         write_json(model_dir / RUN_FILE, {"run_id": run_id, "model_uri": model_uri,
                                           "experiment": params.mlflow.experiment})
@@ -118,16 +119,16 @@ def evaluate_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_
     test = load_split(prepared_dir, "test")
     device = resolve_device(params.train.device)
     model, payload = load_trained_model(model_dir)
-    model.to(device)
-    images, labels = to_device(test.images, test.labels, device)
-    evaluation = evaluate_logits(predict(model, images, params.evaluate.batch_size), labels,
-                                 meta.class_names)
-    files = write_reports(evaluation, test.labels, meta.class_names, reports_dir)
-    write_json(metrics_path, evaluation.metrics)
-    log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
-
-    run_id = read_json(model_dir / RUN_FILE)["run_id"]
-    with tracking.resumed_run(run_id, tracking.lineage_tags("evaluate", params.data.md5)):
+    # Reopen the run first: if it cannot be found, nothing has been written yet.
+    with tracking.resumed_run(payload["mlflow_run_id"],
+                              tracking.lineage_tags("evaluate", params.data.md5)):
+        model.to(device)
+        images, labels = to_device(test.images, test.labels, device)
+        evaluation = evaluate_logits(predict(model, images, params.evaluate.batch_size), labels,
+                                     meta.class_names)
+        files = write_reports(evaluation, test.labels, meta.class_names, reports_dir)
+        write_json(metrics_path, evaluation.metrics)
+        log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
         tracking.log_metrics(evaluation.metrics, prefix="test/")
         tracking.log_files(files + [metrics_path], "evaluation")
     return evaluation.metrics

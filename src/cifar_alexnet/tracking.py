@@ -18,9 +18,11 @@ import mlflow
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from .config import Params
+from .errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,13 @@ def training_run(params: Params, tags: dict[str, str]) -> Iterator[str]:
 @contextlib.contextmanager
 def resumed_run(run_id: str, tags: dict[str, str]) -> Iterator[str]:
     """Reopen the training stage's run so evaluation lands in the same run."""
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException as exc:
+        raise PipelineError(
+            f"MLflow run {run_id} (from the train stage) is not in the tracking store "
+            f"{mlflow.get_tracking_uri()}: {exc.message}. Use the same MLFLOW_TRACKING_URI for "
+            "train and evaluate, or rerun training (dvc repro --force train).") from None
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tags(tags)
         yield run.info.run_id
