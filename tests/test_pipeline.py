@@ -187,6 +187,22 @@ def test_dvc_push_and_pull_restore_outputs(repro, tmp_path):
     assert (project / "data/prepared/train.npz").is_file()
 
 
+def test_dvc_exp_run_with_a_param_change_is_tracked_by_dvc_and_mlflow(repro, client):
+    project, _ = repro
+    result = dvc("exp", "run", "-S", "train.epochs=2", "-S", "train.lr=0.001", cwd=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Running stage 'train'" in result.stdout
+    assert "Running stage 'prepare'" not in result.stdout  # unchanged upstream is reused
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
+    experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
+    params = [exp["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]
+              for exp in experiments]
+    assert {"epochs": 2, "lr": 0.001} in [{k: p[k] for k in ("epochs", "lr")} for p in params]
+    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
+    assert client.get_run(run_id).data.params["train.lr"] == "0.001"
+    assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1, 2]
+
+
 # --- rejections through the real pipeline: clear error, non-zero exit, nothing downstream ---
 
 def assert_nothing_downstream(project: Path) -> None:
