@@ -38,6 +38,14 @@ def test_corrupt_existing_file_is_replaced(tmp_path, archive):
     assert md5sum(dest) == archive.md5
 
 
+def test_corrupt_existing_file_is_removed_even_when_the_source_is_gone(tmp_path, archive):
+    dest = tmp_path / "archive.tar.gz"
+    dest.write_bytes(archive.path.read_bytes()[:1000])
+    with pytest.raises(DataError, match="archive not found"):
+        fetch((tmp_path / "gone.tar.gz").as_uri(), archive.md5, dest)
+    assert not dest.exists()
+
+
 def test_unreachable_server_explains_how_to_supply_the_archive(tmp_path):
     with socket.socket() as sock:  # a loopback port with nothing listening
         sock.bind(("127.0.0.1", 0))

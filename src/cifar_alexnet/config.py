@@ -106,9 +106,9 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _check_value(section: str, f: dataclasses.Field, value: Any, source: str) -> Any:
+def _check_value(section: str, f: dataclasses.Field, expected: type, value: Any,
+                 source: str) -> Any:
     key = f"{section}.{f.name}"
-    expected = typing.get_type_hints(_SECTIONS[section])[f.name]
 
     given = value
 
@@ -148,8 +148,8 @@ def _check_value(section: str, f: dataclasses.Field, value: Any, source: str) ->
     return value
 
 
-_SECTIONS: dict[str, type] = {f.name: f.type for f in dataclasses.fields(Params)}
-_SECTIONS = {name: globals()[cls] if isinstance(cls, str) else cls for name, cls in _SECTIONS.items()}
+# Section name -> its config class, in params.yaml order.
+_SECTIONS: dict[str, type] = typing.get_type_hints(Params)
 
 
 def params_from_dict(raw: Any, source: str = "params") -> Params:
@@ -179,8 +179,10 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
         if missing:
             raise ConfigError(f"{source}: missing key(s) "
                               f"{', '.join(f'{section}.{n}' for n in missing)}")
-        sections[section] = cls(**{f.name: _check_value(section, f, values[f.name], source)
-                                   for f in fields})
+        types = typing.get_type_hints(cls)
+        sections[section] = cls(**{
+            f.name: _check_value(section, f, types[f.name], values[f.name], source)
+            for f in fields})
     return Params(**sections)
 
 

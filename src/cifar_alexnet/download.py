@@ -65,7 +65,9 @@ def fetch(url: str, md5: str, dest: str | Path) -> Path:
         if found == md5:
             log.info("%s already present with md5 %s; not downloading again", dest, md5)
             return dest
-        log.warning("%s has md5 %s, expected %s; downloading it again", dest, found, md5)
+        log.warning("%s has md5 %s, expected %s; removing it and downloading again",
+                    dest, found, md5)
+        dest.unlink()
 
     source, size = _open_source(url)
     digest = hashlib.md5()

@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from .io import atomic_path  # noqa: E402
+
 
 def confusion_figure(counts: np.ndarray, normalized: np.ndarray,
                      class_names: Sequence[str]) -> Figure:
@@ -51,8 +53,7 @@ def history_figure(history: Sequence[dict[str, float]]) -> Figure:
 
 
 def save(fig: Figure, path) -> None:
-    from .io import atomic_path
-
+    """Write ``fig`` as PNG atomically and free it."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
