@@ -120,7 +120,8 @@ def log_files(paths: Sequence[str | Path], artifact_dir: str) -> None:
 def log_model(model: torch.nn.Module, example_images: np.ndarray) -> str:
     """Log the model (pt2 format: no pickle) with a signature and an input example.
 
-    ``example_images`` must hold at least 2 images: torch.export bakes a batch of 1 into the
+    The model is moved to the CPU (where it is exported). ``example_images`` must hold at least
+    2 images: torch.export bakes a batch of 1 into the
     graph as a constant, which would make the served model reject other batch sizes.
     """
     model = model.cpu().eval()
@@ -135,7 +136,3 @@ def log_model(model: torch.nn.Module, example_images: np.ndarray) -> str:
     )
     return info.model_uri
 
-
-def load_logged_model(model_uri: str) -> Any:
-    """Load a logged model back as a pyfunc (what ``mlflow models serve`` would use)."""
-    return mlflow.pyfunc.load_model(model_uri)
