@@ -12,7 +12,7 @@ from cifar_alexnet.model import ARCH_SPECS, AlexNet, build_model, count_paramete
     ("alexnet_paper", 227, 9216, 58_322_314),
 ])
 def test_full_width_shapes(arch, input_size, flat, params):
-    net = AlexNet(ARCH_SPECS[arch], width=1.0, dropout=0.5)
+    net = AlexNet(ARCH_SPECS[arch], width=1.0, dropout=0.5, norm="lrn")
     convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
     linears = [m for m in net.classifier if isinstance(m, nn.Linear)]
     assert len(convs) == 5 and len(linears) == 3
@@ -22,15 +22,29 @@ def test_full_width_shapes(arch, input_size, flat, params):
         assert net(torch.randn(2, 3, input_size, input_size)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("norm,layer,count", [("batch", nn.BatchNorm2d, 5),
+                                               ("lrn", nn.LocalResponseNorm, 2),
+                                               ("none", None, 0)])
+def test_norm_choice_sets_the_normalisation_layers(norm, layer, count):
+    net = AlexNet(ARCH_SPECS["alexnet"], width=1.0, norm=norm)
+    kinds = (nn.BatchNorm2d, nn.LocalResponseNorm)
+    assert [type(m) for m in net.features if isinstance(m, kinds)] == [layer] * count
+    convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
+    # BatchNorm's shift replaces the conv bias: 1376 conv biases out, 2 x 1376 BN params in.
+    assert all((c.bias is None) == (norm == "batch") for c in convs)
+    lrn_params = 58_292_074
+    assert count_parameters(net) == lrn_params + (1376 if norm == "batch" else 0)
+
+
 def test_paper_arch_resizes_cifar_images_to_227():
-    model = build_model(ModelConfig("alexnet_paper", 0.25, 0.5))
+    model = build_model(ModelConfig("alexnet_paper", 0.25, 0.5, "lrn"))
     assert model.adapter(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 3, 227, 227)
     with torch.no_grad():
         assert model(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 10)
 
 
 def test_paper_init_and_lrn_follow_the_paper():
-    net = AlexNet(ARCH_SPECS["alexnet_paper"], width=0.25)
+    net = AlexNet(ARCH_SPECS["alexnet_paper"], width=0.25, norm="lrn")
     convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
     linears = [m for m in net.classifier if isinstance(m, nn.Linear)]
     assert [float(c.bias.detach().mean()) for c in convs] == [0.0, 1.0, 0.0, 1.0, 1.0]
@@ -43,7 +57,7 @@ def test_paper_init_and_lrn_follow_the_paper():
 
 
 def test_width_scales_channels_and_dropout_is_set():
-    small = build_model(ModelConfig("alexnet", 0.125, 0.3))
+    small = build_model(ModelConfig("alexnet", 0.125, 0.3, "batch"))
     convs = [m for m in small.net.features if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [12, 32, 48, 48, 32]
     assert small.net.classifier[1].out_features == 512
@@ -51,7 +65,7 @@ def test_width_scales_channels_and_dropout_is_set():
 
 
 def test_model_normalises_raw_images_with_dataset_statistics():
-    model = build_model(ModelConfig("alexnet", 0.0625, 0.0), mean=(0.5, 0.25, 0.0),
+    model = build_model(ModelConfig("alexnet", 0.0625, 0.0, "none"), mean=(0.5, 0.25, 0.0),
                         std=(0.5, 0.25, 1.0))
     images = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
     normalised = model.adapter(images)
@@ -59,7 +73,7 @@ def test_model_normalises_raw_images_with_dataset_statistics():
 
 
 def test_summary_lists_layers_and_parameter_counts():
-    model = build_model(ModelConfig("alexnet", 0.25, 0.5))
+    model = build_model(ModelConfig("alexnet", 0.25, 0.5, "batch"))
     text = summary(model)
     assert "net.features.0" in text and "(2, 24, 29, 29)" in text
     assert f"{count_parameters(model):,}" in text.splitlines()[-1]

@@ -7,8 +7,8 @@ from cifar_alexnet.archive import read_archive
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.model import build_model
 from cifar_alexnet.prepare import load_meta, load_split, prepare
-from cifar_alexnet.train import (HISTORY_FIELDS, TrainingDiverged, fit, load_checkpoint,
-                                 resolve_device, seed_everything, to_device)
+from cifar_alexnet.train import (HISTORY_FIELDS, Accel, TrainingDiverged, fit, load_checkpoint,
+                                 predict, resolve_device, seed_everything, to_device)
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +85,100 @@ def test_device_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(PipelineError, match="no CUDA GPU"):
             resolve_device("cuda")
+
+
+def test_resume_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run(params, prepared,
+                                                                           tmp_path):
+    device = torch.device("cpu")
+    meta = load_meta(prepared)
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    data = (to_device(train.images, train.labels, device), to_device(val.images, val.labels, device))
+    cfg = dataclasses.replace(params.train, epochs=3)
+
+    def fresh_model():
+        seed_everything(params.base.seed, device)
+        return build_model(params.model, meta.mean, meta.std)
+
+    straight_model = fresh_model()
+    straight = fit(straight_model, *data, cfg, params.base.seed)
+
+    class StopAfter2(Exception):
+        pass
+
+    class Kill:
+        def on_epoch_end(self, row):
+            if row["epoch"] == 2:
+                raise StopAfter2  # the checkpoint of epoch 2 is already written
+
+    with pytest.raises(StopAfter2):
+        fit(fresh_model(), *data, cfg, params.base.seed, checkpoint_path=tmp_path / "c.pt",
+            callbacks=[Kill()])
+    # A new process: different global RNG state until the checkpoint restores it.
+    torch.manual_seed(12345)
+    resumed_model = build_model(params.model, meta.mean, meta.std)
+    resumed = fit(resumed_model, *data, cfg, params.base.seed,
+                  resume=load_checkpoint(tmp_path / "c.pt"))
+    assert resumed.resumed_from_epoch == 2
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in straight.history]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in resumed.history] == strip
+    assert (resumed.best_epoch, resumed.best_val_acc) == (straight.best_epoch, straight.best_val_acc)
+    for name, tensor in straight_model.state_dict().items():
+        assert torch.equal(resumed_model.state_dict()[name], tensor), name
+
+
+def test_label_smoothing_bounds_the_training_loss(params, prepared):
+    # With smoothing eps the target keeps eps/10 on every class, so the cross-entropy can never
+    # drop below that target's entropy; unsmoothed training goes well below it.
+    eps = 0.5
+    target = torch.full((10,), eps / 10)
+    target[0] += 1 - eps
+    floor = float(-(target * target.log()).sum())
+    _, smoothed, _ = train_once(params, prepared, label_smoothing=eps)
+    _, plain, _ = train_once(params, prepared, label_smoothing=0.0)
+    assert min(r["train_loss"] for r in smoothed.history) >= floor
+    assert plain.history[-1]["train_loss"] < floor
+
+
+def test_flip_tta_averages_the_logits_of_image_and_mirror(params):
+    model = build_model(params.model)
+    images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
+    tta = predict(model, images, batch_size=4, flip_tta=True)
+    model.eval()
+    with torch.no_grad():
+        expected = (model(images) + model(images.flip(3))) / 2
+    assert torch.allclose(tta, expected, atol=1e-6)
+    assert not torch.allclose(predict(model, images, batch_size=4), expected, atol=1e-6)
+
+
+def test_speed_settings_resolve_to_exact_fp32_on_cpu_and_bf16_when_asked(params, prepared):
+    cpu = torch.device("cpu")
+    auto = Accel.for_config(params.train, cpu)
+    assert auto.autocast_dtype is None and not auto.channels_last  # CPU stays exact
+    cuda = Accel.for_config(params.train, torch.device("cuda"))
+    assert cuda.autocast_dtype == torch.bfloat16 and cuda.channels_last
+    forced = Accel.for_config(dataclasses.replace(params.train, precision="bf16"), cpu)
+    assert forced.autocast_dtype == torch.bfloat16
+    # bf16 autocast runs the same code path on CPU; logits come back as float32.
+    model, result, _ = train_once(params, prepared, precision="bf16", epochs=2)
+    val = load_split(prepared, "val")
+    logits = predict(model, torch.from_numpy(val.images), 64, forced)
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    assert result.best_val_acc > 0.2
+
+
+@pytest.mark.slow
+def test_compiled_training_checkpoints_load_into_an_uncompiled_model(params, prepared, tmp_path):
+    # torch.compile on CPU needs a C compiler and ~1 min; the GPU path is the same code.
+    device = torch.device("cpu")
+    meta = load_meta(prepared)
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    model = build_model(params.model, meta.mean, meta.std)
+    result = fit(model, to_device(train.images, train.labels, device),
+                 to_device(val.images, val.labels, device),
+                 dataclasses.replace(params.train, epochs=1, compile=True), 0,
+                 checkpoint_path=tmp_path / "c.pt")
+    fresh = build_model(params.model, meta.mean, meta.std)
+    fresh.load_state_dict(load_checkpoint(tmp_path / "c.pt")["model_state"])
+    fresh.load_state_dict(result.best_state)
+    assert torch.isfinite(predict(fresh, torch.from_numpy(val.images), 64)).all()

@@ -14,14 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from .errors import ConfigError
 
 ARCHS = ("alexnet", "alexnet_small", "alexnet_paper")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
+NORMS = ("batch", "lrn", "none")
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def _choice(*allowed: str) -> Any:
@@ -54,6 +54,7 @@ class ModelConfig:
     arch: str = _choice(*ARCHS)
     width: float = _range(0.0, 4.0, low_open=True)
     dropout: float = _range(0.0, 1.0, high_open=True)
+    norm: str = _choice(*NORMS)
 
 
 @dataclass(frozen=True)
@@ -65,12 +66,20 @@ class TrainConfig:
     momentum: float = _range(0.0, 1.0, high_open=True)
     weight_decay: float = _range(0.0)
     schedule: str = _choice(*SCHEDULES)
+    label_smoothing: float = _range(0.0, 1.0, high_open=True)
     device: str = _choice(*DEVICES)
+    # Speed settings: each is a no-op or exact on CPU, so the defaults can be the fast GPU ones.
+    precision: str = _choice(*PRECISIONS)
+    channels_last: bool
+    cudnn_benchmark: bool
+    fused_optimizer: bool
+    compile: bool
 
 
 @dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = _range(1)
+    flip_tta: bool
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,10 @@ def _check_value(section: str, f: dataclasses.Field, expected: type, value: Any,
         return ConfigError(f"{source}: {key} = {given!r} is invalid: {reason}")
 
     # bool is an int subclass in Python; `epochs: true` is a typo, not 1.
-    if expected is int:
+    if expected is bool:
+        if not isinstance(value, bool):
+            raise fail("expected true or false")
+    elif expected is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise fail("expected an integer")
     elif expected is float:
@@ -192,6 +204,7 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r} is invalid: expected section.key=value, "
                               "e.g. train.lr=0.01")
+        import yaml  # lazily: the training core runs where only torch is installed
         dotted, text = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
         try:
@@ -213,6 +226,7 @@ def split_override_string(text: str | None) -> list[str]:
 
 def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
     """Read, override and validate params; raise ConfigError naming the file and key."""
+    import yaml
     path = Path(path)
     try:
         text = path.read_text()

@@ -97,18 +97,27 @@ class InputAdapter(nn.Module):
 
 
 class AlexNet(nn.Module):
-    """5 conv + 3 FC layers with ReLU, LRN, overlapping max-pool and dropout on the FC layers."""
+    """5 conv + 3 FC layers with ReLU, overlapping max-pool and dropout on the FC layers.
+
+    ``norm``: ``batch`` (BatchNorm after every conv), ``lrn`` (the paper's local response
+    normalisation after conv1 and conv2) or ``none``.
+    """
 
     def __init__(self, spec: ArchSpec, width: float = 1.0, dropout: float = 0.5,
-                 num_classes: int = NUM_CLASSES) -> None:
+                 norm: str = "batch", num_classes: int = NUM_CLASSES) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         channels, size = IMAGE_SHAPE[0], spec.input_size
         for conv in spec.convs:
             out = _scaled(conv.channels, width)
-            layers += [nn.Conv2d(channels, out, conv.kernel, conv.stride, conv.padding),
-                       nn.ReLU(inplace=True)]
-            if conv.lrn:
+            # BatchNorm follows every conv (its shift makes the conv bias redundant); LRN stays
+            # where the paper put it, after the ReLU of the layers the spec marks.
+            layers.append(nn.Conv2d(channels, out, conv.kernel, conv.stride, conv.padding,
+                                    bias=norm != "batch"))
+            if norm == "batch":
+                layers.append(nn.BatchNorm2d(out))
+            layers.append(nn.ReLU(inplace=True))
+            if norm == "lrn" and conv.lrn:
                 layers.append(nn.LocalResponseNorm(LRN_SIZE, LRN_ALPHA * LRN_SIZE, LRN_BETA, LRN_K))
             if conv.pool:
                 layers.append(nn.MaxPool2d(POOL_KERNEL, POOL_STRIDE))
@@ -132,7 +141,8 @@ class AlexNet(nn.Module):
         for module in self.modules():
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
         head = self.classifier[-1]
         nn.init.normal_(head.weight, std=0.01)
 
@@ -144,7 +154,8 @@ class AlexNet(nn.Module):
         ones = {convs[1], convs[3], convs[4], linears[0], linears[1]}
         for module in convs + linears:
             nn.init.normal_(module.weight, std=0.01)
-            nn.init.constant_(module.bias, 1.0 if module in ones else 0.0)
+            if module.bias is not None:
+                nn.init.constant_(module.bias, 1.0 if module in ones else 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)            # (N, C, s, s)
@@ -160,7 +171,7 @@ class Classifier(nn.Module):
         spec = ARCH_SPECS[config.arch]
         self.config = config
         self.adapter = InputAdapter(mean, std, spec.input_size)
-        self.net = AlexNet(spec, config.width, config.dropout)
+        self.net = AlexNet(spec, config.width, config.dropout, config.norm)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(self.adapter(images))

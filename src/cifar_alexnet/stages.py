@@ -25,7 +25,7 @@ from .io import write_json, write_text
 from .model import Classifier, build_model, count_parameters, summary
 from .plots import history_figure
 from .prepare import load_meta, load_split
-from .train import (HISTORY_FIELDS, fit, load_checkpoint, predict, resolve_device, save_checkpoint,
+from .train import (HISTORY_FIELDS, Accel, fit, load_checkpoint, predict, resolve_device, save_checkpoint,
                     seed_everything, to_device)
 from .transforms import random_crop_flip
 
@@ -124,8 +124,9 @@ def evaluate_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_
                               tracking.lineage_tags("evaluate", params.data.md5)):
         model.to(device)
         images, labels = to_device(test.images, test.labels, device)
-        evaluation = evaluate_logits(predict(model, images, params.evaluate.batch_size), labels,
-                                     meta.class_names)
+        logits = predict(model, images, params.evaluate.batch_size,
+                         Accel.for_config(params.train, device), params.evaluate.flip_tta)
+        evaluation = evaluate_logits(logits, labels, meta.class_names)
         files = write_reports(evaluation, test.labels, meta.class_names, reports_dir)
         write_json(metrics_path, evaluation.metrics)
         log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))

@@ -66,14 +66,54 @@ def to_device(images: np.ndarray, labels: np.ndarray,
             torch.from_numpy(np.ascontiguousarray(labels)).to(device))
 
 
+@dataclass(frozen=True)
+class Accel:
+    """How tensors run on the device: autocast dtype and memory format (from TrainConfig)."""
+
+    device: torch.device
+    autocast_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    @classmethod
+    def for_config(cls, cfg: TrainConfig, device: torch.device) -> "Accel":
+        # bf16 needs no loss scaling, and on CUDA it is what the tensor cores are fast at;
+        # `auto` keeps CPU runs in fp32 so they stay exact and deterministic.
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+        return cls(device, torch.bfloat16 if bf16 else None,
+                   cfg.channels_last and device.type == "cuda")
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
+    def layout(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last \
+            else images
+
+    def prepare_model(self, model: nn.Module) -> nn.Module:
+        return model.to(memory_format=torch.channels_last) if self.channels_last else model
+
+
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Logits (N, classes) for images already on the model's device, in eval mode."""
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int,
+            accel: Accel | None = None, flip_tta: bool = False) -> torch.Tensor:
+    """Float32 logits (N, classes) for images on the model's device, in eval mode.
+
+    ``flip_tta`` averages the logits of each image and its mirror image.
+    """
+    accel = accel or Accel(images.device)
     was_training = model.training
     model.eval()
     try:
-        return torch.cat([model(images[i:i + batch_size])
-                          for i in range(0, len(images), batch_size)])
+        outputs = []
+        for i in range(0, len(images), batch_size):
+            batch = accel.layout(images[i:i + batch_size])
+            with accel.autocast():
+                logits = model(batch).float()
+                if flip_tta:
+                    logits = (logits + model(batch.flip(3)).float()) / 2
+            outputs.append(logits)
+        return torch.cat(outputs)
     finally:
         model.train(was_training)
 
@@ -84,11 +124,15 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float
     return loss, accuracy
 
 
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: TrainConfig,
+                   device: torch.device) -> torch.optim.Optimizer:
+    # Fused kernels update every parameter in one launch; CUDA only (CPU keeps the exact loop).
+    fused = {"fused": True} if cfg.fused_optimizer and device.type == "cuda" else {}
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+                               nesterov=cfg.momentum > 0, weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                             **fused)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
@@ -110,31 +154,70 @@ class TrainResult:
     best_epoch: int
     best_state: dict[str, torch.Tensor]
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from_epoch: int = 0
+
+
+def _rng_states(order_gen: torch.Generator, augment_gen: torch.Generator) -> dict[str, Any]:
+    """Every RNG a training epoch draws from: shuffling, augmentation, dropout (torch global)."""
+    states = {"order": order_gen.get_state(), "augment": augment_gen.get_state(),
+              "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict[str, Any], order_gen: torch.Generator,
+                        augment_gen: torch.Generator) -> None:
+    order_gen.set_state(states["order"])
+    augment_gen.set_state(states["augment"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
 
 
 def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         val: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, seed: int,
         checkpoint_path: str | Path | None = None, checkpoint_extra: dict[str, Any] | None = None,
-        callbacks: Iterable[EpochCallback] = (), eval_batch_size: int = 1000) -> TrainResult:
+        callbacks: Iterable[EpochCallback] = (), eval_batch_size: int = 1000,
+        resume: dict[str, Any] | None = None) -> TrainResult:
     """Train ``model`` (already on the data's device) and keep its best-validation weights.
 
-    Each epoch writes ``checkpoint_path`` atomically (model, optimizer, scheduler, epoch, and
-    ``checkpoint_extra`` such as the params) and calls every callback with the epoch's row.
+    Each epoch writes ``checkpoint_path`` atomically: model, optimizer, scheduler, every RNG
+    state, the best weights so far, the history and ``checkpoint_extra`` (e.g. the params).
+    Passing such a checkpoint as ``resume`` continues after its epoch exactly as if the run had
+    not stopped (bit-identical on CPU). Every callback gets each new epoch's row.
     """
     train_images, train_labels = train
     val_images, val_labels = val
     device = train_images.device
+    accel = Accel.for_config(cfg, device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
+    model = accel.prepare_model(model)
+    # The compiled module shares parameters with `model`; state dicts come from `model` so
+    # checkpoints load into an uncompiled network.
+    step_model = torch.compile(model) if cfg.compile else model
     callbacks = list(callbacks)
     n = len(train_labels)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, device)
     scheduler = make_scheduler(optimizer, cfg, cfg.epochs * steps_per_epoch)
     # Shuffling draws from a CPU generator so the order is the same on every device.
     order_gen = torch.Generator().manual_seed(seed)
     augment_gen = torch.Generator(device=device).manual_seed(seed + 1)
 
     best = TrainResult(best_val_acc=-1.0, best_epoch=0, best_state={})
-    for epoch in range(1, cfg.epochs + 1):
+    if resume is not None:
+        model.load_state_dict(resume["model_state"])
+        optimizer.load_state_dict(resume["optimizer_state"])
+        scheduler.load_state_dict(resume["scheduler_state"])
+        _restore_rng_states(resume["rng_states"], order_gen, augment_gen)
+        best = TrainResult(resume["best_val_acc"], resume["best_epoch"],
+                           {k: v.to(device) for k, v in resume["best_state"].items()},
+                           list(resume["history"]), resumed_from_epoch=resume["epoch"])
+        log.info("resuming after epoch %d of %d", resume["epoch"], cfg.epochs)
+
+    for epoch in range(best.resumed_from_epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
         lr = scheduler.get_last_lr()[0]
         model.train()
@@ -144,10 +227,11 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         for start in tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
                           unit="batch", leave=False, disable=None):
             idx = order[start:start + cfg.batch_size]
-            images = random_crop_flip(train_images[idx], augment_gen)
+            images = accel.layout(random_crop_flip(train_images[idx], augment_gen))
             labels = train_labels[idx]
-            logits = model(images)
-            loss = F.cross_entropy(logits, labels)
+            with accel.autocast():
+                logits = step_model(images)
+                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -162,7 +246,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
                 f"training loss became {train_loss} in epoch {epoch} (train.lr={cfg.lr}); "
                 "lower train.lr (e.g. by 10x) and run again")
         val_loss, val_acc = loss_and_accuracy(
-            predict(model, val_images, eval_batch_size), val_labels)
+            predict(step_model, val_images, eval_batch_size, accel), val_labels)
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / n,
                "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                "seconds": time.perf_counter() - started}
@@ -179,6 +263,11 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
                 "model_state": model.state_dict(),
                 "optimizer_state": optimizer.state_dict(),
                 "scheduler_state": scheduler.state_dict(),
+                "rng_states": _rng_states(order_gen, augment_gen),
+                "best_val_acc": best.best_val_acc,
+                "best_epoch": best.best_epoch,
+                "best_state": best.best_state,
+                "history": best.history,
                 "train_config": asdict(cfg),
                 **(checkpoint_extra or {}),
             })
