@@ -2,19 +2,23 @@
 
 from pathlib import Path
 
-from cifar_alexnet.cli import parse_params, run_stage, stage_parser
+from cifar_alexnet.cli import overridden_keys, parse_params, run_stage, stage_parser
 from cifar_alexnet.stages import train_stage
 
 
 def main() -> None:
     parser = stage_parser(__doc__)
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    parser.add_argument("--best-params", type=Path,
+                        help="tune stage's best_params.yaml: its values replace params.yaml's "
+                             "(but not values given with --set)")
     parser.add_argument("--out", type=Path, required=True, help="model directory")
     parser.add_argument("--metrics", type=Path, required=True, help="train metrics JSON")
     parser.add_argument("--history", type=Path, required=True, help="per-epoch CSV for dvc plots")
     args = parser.parse_args()
     params = parse_params(args)
-    train_stage(params, args.data, args.out, args.metrics, args.history)
+    train_stage(params, args.data, args.out, args.metrics, args.history,
+                best_params_path=args.best_params, keep=overridden_keys(args))
 
 
 if __name__ == "__main__":

@@ -50,7 +50,9 @@ def test_repro_produces_every_output(repro):
                  "data/prepared/meta.json", "models/model.pt", "models/checkpoint.pt",
                  "metrics/train.json", "metrics/train_history.csv", "metrics/evaluate.json",
                  "reports/confusion_matrix.png", "reports/classification_report.csv",
-                 "reports/classification_report.txt", "reports/predictions.csv", "dvc.lock"):
+                 "reports/classification_report.txt", "reports/predictions.csv", "dvc.lock",
+                 "tune/best_params.yaml", "tune/summary.json", "tune/trials.csv",
+                 "tune/plots/optimization_history.png"):
         assert (project / path).is_file(), path
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     assert {"accuracy", "loss", "macro_f1", "weighted_f1"} <= set(evaluation)
@@ -86,7 +88,15 @@ def test_mlflow_run_holds_params_history_metrics_artifacts_and_tags(repro, clien
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     params = yaml.safe_load((project / "params.yaml").read_text())
-    assert run.data.params["train.lr"] == str(params["train"]["lr"])
+    # Training used the tuned lr and dropout, and says so.
+    best = yaml.safe_load((project / "tune/best_params.yaml").read_text())
+    assert run.data.params["train.lr"] == str(best["params"]["train"]["lr"])
+    assert run.data.params["model.dropout"] == str(best["params"]["model"]["dropout"])
+    assert run.data.params["train.lr"] != str(params["train"]["lr"])
+    assert run.data.tags["tune.study_name"] == best["study_name"]
+    assert run.data.tags["tune.best_trial"] == str(best["best_trial"])
+    train_metrics = json.loads((project / "metrics/train.json").read_text())
+    assert train_metrics["lr"] == best["params"]["train"]["lr"]
     assert run.data.params["model.arch"] == "alexnet"
     assert run.data.params["data.md5"] == params["data"]["md5"]
     history = client.get_metric_history(run_id, "val/acc")
@@ -189,8 +199,16 @@ def test_dvc_push_and_pull_restore_outputs(repro, tmp_path):
 
 def test_dvc_exp_run_with_a_param_change_is_tracked_by_dvc_and_mlflow(repro, client):
     project, _ = repro
-    result = dvc("exp", "run", "-S", "train.epochs=2", "-S", "train.lr=0.001", cwd=project)
+    # Trials do not depend on train.epochs: the study is reused, training reruns.
+    result = dvc("exp", "run", "-S", "train.epochs=1", cwd=project)
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "Running stage 'train'" in result.stdout
+    assert "Running stage 'tune'" not in result.stdout
+    # tune.n_trials=0 switches tuning off, so training takes train.lr from params.yaml.
+    result = dvc("exp", "run", "-S", "train.epochs=2", "-S", "train.lr=0.001",
+                 "-S", "tune.n_trials=0", cwd=project)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Running stage 'tune'" in result.stdout
     assert "Running stage 'train'" in result.stdout
     assert "Running stage 'prepare'" not in result.stdout  # unchanged upstream is reused
     shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
@@ -200,6 +218,7 @@ def test_dvc_exp_run_with_a_param_change_is_tracked_by_dvc_and_mlflow(repro, cli
     assert {"epochs": 2, "lr": 0.001} in [{k: p[k] for k in ("epochs", "lr")} for p in params]
     run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
     assert client.get_run(run_id).data.params["train.lr"] == "0.001"
+    assert "params.yaml" in client.get_run(run_id).data.tags["tune.applied"]
     assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1, 2]
 
 

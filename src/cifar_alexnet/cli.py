@@ -21,9 +21,17 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _overrides(args: argparse.Namespace) -> list[str]:
+    return [item for text in args.overrides for item in split_override_string(text)]
+
+
 def parse_params(args: argparse.Namespace) -> Params:
-    overrides = [item for text in args.overrides for item in split_override_string(text)]
-    return load_params(args.params, overrides)
+    return load_params(args.params, _overrides(args))
+
+
+def overridden_keys(args: argparse.Namespace) -> set[str]:
+    """``{"train.lr", ...}``: keys set on the command line, which win over tuned values."""
+    return {item.split("=", 1)[0].strip() for item in _overrides(args)}
 
 
 def run_stage(main: Callable[[], None]) -> None:

@@ -22,6 +22,9 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")
 NORMS = ("batch", "lrn", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
+SAMPLERS = ("tpe", "random")
+PRUNERS = ("median", "hyperband", "none")
+TUNE_METRICS = {"val_acc": "maximize", "val_loss": "minimize"}  # metric -> its direction
 
 
 def _choice(*allowed: str) -> Any:
@@ -77,6 +80,35 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    n_trials: int = _range(0)
+    epochs_per_trial: int = _range(1)
+    lr_low: float = _range(0.0, low_open=True)
+    lr_high: float = _range(0.0, low_open=True)
+    dropout_low: float = _range(0.0, 1.0, high_open=True)
+    dropout_high: float = _range(0.0, 1.0, high_open=True)
+    metric: str = _choice(*TUNE_METRICS)
+    direction: str = _choice("maximize", "minimize")
+    sampler: str = _choice(*SAMPLERS)
+    pruner: str = _choice(*PRUNERS)
+    seed: int = _range(0)
+    storage: str = _pattern(r"\S+", "an SQLAlchemy URL, e.g. sqlite:///tune/optuna.db")
+    study_name: str = _pattern(r"\S.*", "a study name, or auto")
+    heartbeat_seconds: int = _range(1)
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "dropout"):
+            low, high = getattr(self, f"{name}_low"), getattr(self, f"{name}_high")
+            if low > high:
+                raise ConfigError(f"tune.{name}_low ({low}) must not exceed "
+                                  f"tune.{name}_high ({high})")
+        if TUNE_METRICS[self.metric] != self.direction:
+            raise ConfigError(f"tune.direction = {self.direction!r} does not fit tune.metric = "
+                              f"{self.metric!r}: {self.metric} is to "
+                              f"{TUNE_METRICS[self.metric]}")
+
+
+@dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = _range(1)
     flip_tta: bool
@@ -92,6 +124,7 @@ class Params:
     base: BaseConfig
     data: DataConfig
     model: ModelConfig
+    tune: TuneConfig
     train: TrainConfig
     evaluate: EvaluateConfig
     mlflow: MlflowConfig
@@ -192,9 +225,12 @@ def params_from_dict(raw: Any, source: str = "params") -> Params:
             raise ConfigError(f"{source}: missing key(s) "
                               f"{', '.join(f'{section}.{n}' for n in missing)}")
         types = typing.get_type_hints(cls)
-        sections[section] = cls(**{
-            f.name: _check_value(section, f, types[f.name], values[f.name], source)
-            for f in fields})
+        checked = {f.name: _check_value(section, f, types[f.name], values[f.name], source)
+                   for f in fields}
+        try:
+            sections[section] = cls(**checked)
+        except ConfigError as exc:  # a rule across keys (e.g. low <= high)
+            raise ConfigError(f"{source}: {exc}") from None
     return Params(**sections)
 
 

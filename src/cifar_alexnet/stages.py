@@ -11,7 +11,7 @@ import io
 import logging
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -28,6 +28,7 @@ from .prepare import load_meta, load_split
 from .train import (HISTORY_FIELDS, Accel, fit, load_checkpoint, predict, resolve_device, save_checkpoint,
                     seed_everything, to_device)
 from .transforms import random_crop_flip
+from .tune import load_best_params, tuned_params
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,29 @@ def augmented_grid(images: np.ndarray, seed: int) -> np.ndarray:
     return make_grid(batch, nrow=8, padding=2).permute(1, 2, 0).numpy()
 
 
+def apply_best_params(params: Params, best_params_path: Path | None,
+                      keep: Collection[str] = ()) -> tuple[Params, dict[str, str]]:
+    """Params with the tune stage's values over params.yaml's (except the keys in ``keep``,
+    set explicitly on the command line), and tags saying which values were used."""
+    if best_params_path is None:
+        return params, {"tune.applied": "none (no best params given)"}
+    values, info = load_best_params(best_params_path)
+    values = {k: v for k, v in values.items() if k not in keep}
+    if not values:
+        return params, {"tune.applied": "none (params.yaml and --set values)"}
+    applied = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
+    log.info("using tuned %s from %s (study %s, trial %s) over params.yaml", applied,
+             best_params_path, info.get("study_name"), info.get("best_trial"))
+    return tuned_params(params, values), {
+        "tune.applied": applied, "tune.study_name": str(info.get("study_name")),
+        "tune.best_trial": str(info.get("best_trial"))}
+
+
 def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_path: Path,
-                history_path: Path) -> dict[str, Any]:
+                history_path: Path, best_params_path: Path | None = None,
+                keep: Collection[str] = ()) -> dict[str, Any]:
     """Train on the train split, select on val, write the best model; return train metrics."""
+    params, tune_tags = apply_best_params(params, best_params_path, keep)
     meta = load_meta(prepared_dir)
     train_split, val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
     device = resolve_device(params.train.device)
@@ -64,7 +85,8 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
     log.info("training %s (width %s, %s parameters) on %s", params.model.arch,
              params.model.width, f"{count_parameters(model):,}", device)
 
-    with tracking.training_run(params, tracking.lineage_tags("train", params.data.md5)) as run_id:
+    tags = {**tracking.lineage_tags("train", params.data.md5), **tune_tags}
+    with tracking.training_run(params, tags) as run_id:
         tracking.log_text(model_summary, "model/summary.txt")
         tracking.log_dict({"class_names": list(meta.class_names), "mean": list(meta.mean),
                            "std": list(meta.std), "sizes": meta.sizes}, "data/dataset_meta.json")
@@ -82,7 +104,8 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
             "val_acc": result.best_val_acc, "mlflow_run_id": run_id,
         })
         last = result.history[-1]
-        metrics = {"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
+        metrics = {"lr": params.train.lr, "dropout": params.model.dropout,
+                   "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
                    "final_train_loss": last["train_loss"], "final_train_acc": last["train_acc"],
                    "final_val_loss": last["val_loss"], "final_val_acc": last["val_acc"],
                    "seconds_per_epoch": sum(r["seconds"] for r in result.history)

@@ -21,8 +21,9 @@ from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from .config import Params
+from .config import Params, flatten
 from .errors import PipelineError
+from .redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,35 @@ class EpochLogger:
                            step=int(row["epoch"]))
 
 
+def public_params(params: Params) -> dict[str, Any]:
+    """The params as logged: nested, with credentials in the tuning storage URL masked."""
+    tree = params.to_dict()
+    tree["tune"]["storage"] = redact_url(tree["tune"]["storage"])
+    return tree
+
+
+def _log_params(params: Params) -> None:
+    tree = public_params(params)
+    mlflow.log_params(flatten(tree))
+    mlflow.log_dict(tree, "params/effective_params.json")
+
+
+def _set_experiment(params: Params) -> None:
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        mlflow.set_experiment(params.mlflow.experiment)
+    # else: `mlflow run` created the run (in the experiment it was given) and start_run()
+    # continues it; setting another experiment here would make MLflow refuse the run.
+
+
 @contextlib.contextmanager
 def training_run(params: Params, tags: dict[str, str]) -> Iterator[str]:
     """Start the pipeline's MLflow run; log flattened and effective params; yield the run id.
 
     An exception inside marks the run FAILED (MLflow's context manager does that).
     """
-    if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(params.mlflow.experiment)
-    # else: `mlflow run` created the run (in the experiment it was given) and start_run()
-    # continues it; setting another experiment here would make MLflow refuse the run.
+    _set_experiment(params)
     with mlflow.start_run(tags=tags) as run:
-        mlflow.log_params(params.flat())
-        mlflow.log_dict(params.to_dict(), "params/effective_params.json")
+        _log_params(params)
         log.info("MLflow run %s in experiment %s (%s)", run.info.run_id,
                  run.info.experiment_id, mlflow.get_tracking_uri())
         yield run.info.run_id
@@ -90,6 +107,55 @@ def resumed_run(run_id: str, tags: dict[str, str]) -> Iterator[str]:
     with mlflow.start_run(run_id=run_id) as run:
         mlflow.set_tags(tags)
         yield run.info.run_id
+
+
+@contextlib.contextmanager
+def study_run(params: Params, study_name: str, tags: dict[str, str]) -> Iterator[str]:
+    """The parent run of one tuning invocation (one per worker process)."""
+    _set_experiment(params)
+    with mlflow.start_run(run_name=f"study {study_name}",
+                          tags={**tags, "optuna.study_name": study_name}) as run:
+        _log_params(params)
+        log.info("MLflow parent run %s for study %s (%s)", run.info.run_id, study_name,
+                 mlflow.get_tracking_uri())
+        yield run.info.run_id
+
+
+@contextlib.contextmanager
+def trial_run(study_name: str, number: int, trial_params: dict[str, Any]) -> Iterator[str]:
+    """A nested run for one Optuna trial, under the active study run."""
+    with mlflow.start_run(run_name=f"trial {number}", nested=True,
+                          tags={"optuna.study_name": study_name,
+                                "optuna.trial_number": str(number)}) as run:
+        mlflow.log_params(trial_params)
+        yield run.info.run_id
+
+
+def active_run_id() -> str:
+    return mlflow.active_run().info.run_id
+
+
+def log_params(values: dict[str, Any]) -> None:
+    mlflow.log_params(values)
+
+
+def set_tags(tags: dict[str, Any]) -> None:
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def mark_killed(run_ids: Sequence[str]) -> list[str]:
+    """Mark runs left RUNNING by a killed process as KILLED; return the ids changed."""
+    client = mlflow.MlflowClient()
+    changed = []
+    for run_id in run_ids:
+        try:
+            status = client.get_run(run_id).info.status
+        except MlflowException:
+            continue  # another tracking store; nothing to fix here
+        if status == "RUNNING":
+            client.set_terminated(run_id, status="KILLED")
+            changed.append(run_id)
+    return changed
 
 
 def log_metrics(metrics: dict[str, float], prefix: str = "", step: int | None = None) -> None:

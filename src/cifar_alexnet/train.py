@@ -140,8 +140,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     """Stepped once per batch. One-cycle warms up for 25% of the run, then anneals to ~0."""
     if cfg.schedule == "onecycle":
         # cycle_momentum=False: honour train.momentum instead of OneCycle's own 0.85..0.95.
+        # OneCycleLR divides by the warm-up length, which is 0 for runs under 8 steps; such
+        # tiny runs (tests, smoke benchmarks) just end before the schedule does.
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=0.25,
+            optimizer, max_lr=cfg.lr, total_steps=max(total_steps, 8), pct_start=0.25,
             cycle_momentum=False)
     if cfg.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)

@@ -1,0 +1,23 @@
+"""Stage tune: Optuna over train.lr and model.dropout on the validation split; best params out."""
+
+from pathlib import Path
+
+from cifar_alexnet.cli import parse_params, run_stage, stage_parser
+from cifar_alexnet.tune import run_study, write_disabled
+
+
+def main() -> None:
+    parser = stage_parser(__doc__)
+    parser.add_argument("--data", type=Path, required=True, help="prepared dataset directory")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="directory for best_params.yaml, summary.json, trials.csv, plots/")
+    args = parser.parse_args()
+    params = parse_params(args)
+    if params.tune.n_trials == 0:
+        write_disabled(args.out)
+    else:
+        run_study(params, args.data, out_dir=args.out)
+
+
+if __name__ == "__main__":
+    run_stage(main)

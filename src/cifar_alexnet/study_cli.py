@@ -1,0 +1,79 @@
+"""``cifar-study``: run, resume, inspect and export the Optuna study that params.yaml describes.
+
+The same study the tune stage uses (``tune.storage`` or ``$CIFAR_TUNE_STORAGE``, name from
+``tune.study_name``), so workers on other machines only need the prepared data, the params and
+the storage URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .cli import parse_params, run_stage, stage_parser
+from .redact import redact_url
+from .tune import open_study, progress, run_study, storage_url, summarize, write_trials_csv
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cifar-study", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = stage_parser("")
+    for name, text in (("run", "create the study if needed and run trials"),
+                       ("resume", "run trials in an existing study (error if it does not exist)")):
+        sub = commands.add_parser(name, help=text, parents=[common], add_help=False)
+        sub.add_argument("--data", type=Path, default=Path("data/prepared"),
+                         help="prepared dataset directory (default: %(default)s)")
+        sub.add_argument("--n-trials", type=int,
+                         help="run exactly this many trials in this process (a worker); default: "
+                              "top the study up to tune.n_trials")
+        sub.add_argument("--worker-id", type=int, default=0,
+                         help="distinct number per concurrent worker: seeds its sampler apart")
+        sub.add_argument("--out", type=Path,
+                         help="also write best_params.yaml, summary.json, trials.csv, plots/ here")
+    commands.add_parser("best", help="print the best trial and the study's progress as JSON",
+                        parents=[common], add_help=False)
+    export = commands.add_parser("export", help="write every trial to CSV (pandas)",
+                                 parents=[common], add_help=False)
+    export.add_argument("csv", type=Path, help="output CSV path")
+    commands.add_parser("storage", help="print the study name and storage URL for the optuna "
+                                        "CLI and optuna-dashboard", parents=[common],
+                        add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    params = parse_params(args)
+    if args.command in ("run", "resume"):
+        if args.n_trials is not None and args.n_trials < 1:
+            raise SystemExit("cifar-study: --n-trials must be at least 1")
+        study = run_study(params, args.data, out_dir=args.out, n_trials=args.n_trials,
+                          worker_id=args.worker_id, create=args.command == "run")
+        print(json.dumps(summarize(study, params), indent=2))
+        return
+    study = open_study(params, create=False)
+    if args.command == "best":
+        print(json.dumps(summarize(study, params), indent=2))
+    elif args.command == "export":
+        write_trials_csv(study, args.csv)
+        state = progress(study)
+        print(f"wrote {len(study.trials)} trials ({state.complete} complete, {state.pruned} "
+              f"pruned, {state.failed} failed) to {args.csv}")
+    elif args.command == "storage":
+        # The real URL is what the optuna CLI needs; it is printed to this terminal only.
+        url = storage_url(params)
+        print(f"study:   {study.study_name}\nstorage: {url}")
+        if redact_url(url) != url:
+            print("(the storage URL holds a password: do not paste it into logs)",
+                  file=sys.stderr)
+
+
+def cli() -> None:
+    run_stage(main)
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,470 @@
+"""Optuna study over ``train.lr`` and ``model.dropout``, scored on the validation split only.
+
+Tuning wraps training: each trial is one :func:`train.fit` of ``tune.epochs_per_trial`` epochs
+whose per-epoch validation metric is reported to the pruner. A study lives in an SQLAlchemy
+storage (SQLite file by default, PostgreSQL for many machines) so it survives crashes and can be
+shared by any number of worker processes; heartbeats let a later process fail and retry trials
+whose worker was killed. Every invocation is one parent MLflow run with a nested run per trial.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+import torch
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from . import tracking
+from .config import Params
+from .errors import ConfigError, PipelineError
+from .io import write_json, write_text
+from .model import build_model
+from .plots import save as save_figure
+from .prepare import load_meta, load_split
+from .redact import redact_url
+from .train import TrainingDiverged, fit, resolve_device, seed_everything, to_device
+
+log = logging.getLogger(__name__)
+# Heartbeats, stale-trial retries and the matplotlib plots are documented Optuna features that
+# still carry the "experimental" label (since 2.8/2.9); the warnings say nothing actionable.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+# Optuna parameter names are the params.yaml keys they set.
+LR, DROPOUT = "train.lr", "model.dropout"
+STORAGE_ENV = "CIFAR_TUNE_STORAGE"
+BEST_PARAMS_FILE, SUMMARY_FILE, TRIALS_FILE, PLOTS_DIR = (
+    "best_params.yaml", "summary.json", "trials.csv", "plots")
+GRACE_HEARTBEATS = 3  # a RUNNING trial whose heartbeat is this many intervals old is dead
+MAX_RETRIES = 3
+
+# Settings that change how fast a trial runs, not what it computes; workers on different
+# hardware (CPU, GPU) can share one study.
+_HARDWARE_KEYS = {"device", "precision", "channels_last", "cudnn_benchmark", "fused_optimizer",
+                  "compile"}
+# Settings of the tune section that do not change what a trial is.
+_RUN_KEYS = {"n_trials", "storage", "study_name", "heartbeat_seconds"}
+
+
+def storage_url(params: Params) -> str:
+    return os.environ.get(STORAGE_ENV) or params.tune.storage
+
+
+def study_fingerprint(params: Params) -> dict[str, Any]:
+    """What a trial's result depends on; a study must not mix trials of different ones."""
+    tree = params.to_dict()
+    return {
+        "data": {"md5": params.data.md5, "val_size": params.data.val_size},
+        "base": {"seed": params.base.seed},
+        "model": {k: v for k, v in tree["model"].items() if k != "dropout"},
+        "train": {k: v for k, v in tree["train"].items()
+                  if k not in _HARDWARE_KEYS | {"lr", "epochs"}},
+        "tune": {k: v for k, v in tree["tune"].items() if k not in _RUN_KEYS},
+    }
+
+
+def _digest(fingerprint: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def study_name(params: Params) -> str:
+    """``auto`` names the study after its fingerprint, so a changed search starts a new study."""
+    if params.tune.study_name != "auto":
+        return params.tune.study_name
+    return f"{params.mlflow.experiment}-{params.model.arch}-{_digest(study_fingerprint(params))}"
+
+
+def make_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    try:
+        return RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+            grace_period=GRACE_HEARTBEATS * heartbeat_seconds,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(MAX_RETRIES))
+    except Exception as exc:  # SQLAlchemy/driver errors have no common base worth naming
+        raise PipelineError(f"cannot open the study storage {redact_url(url)}: {exc}. Check "
+                            f"tune.storage (or ${STORAGE_ENV}) and that the database server "
+                            "is reachable") from None
+
+
+def make_sampler(params: Params, seed: int) -> optuna.samplers.BaseSampler:
+    if params.tune.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
+
+
+def make_pruner(params: Params) -> optuna.pruners.BasePruner:
+    if params.tune.pruner == "median":
+        # Compare from epoch 2 on, once 3 trials have finished.
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if params.tune.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1,
+                                              max_resource=params.tune.epochs_per_trial)
+    return optuna.pruners.NopPruner()
+
+
+def open_study(params: Params, worker_id: int = 0, create: bool = True) -> optuna.Study:
+    """Create or load the study; refuse a study that was made for different settings.
+
+    The sampler is seeded with ``tune.seed`` plus the number of trials already in the study
+    (and the worker id), so a resumed or second process does not replay the first one's draws.
+    """
+    url, name = storage_url(params), study_name(params)
+    storage = make_storage(url, params.tune.heartbeat_seconds)
+    fingerprint = study_fingerprint(params)
+    if create:
+        study = optuna.create_study(storage=storage, study_name=name, load_if_exists=True,
+                                    direction=params.tune.direction, pruner=make_pruner(params))
+    else:
+        try:
+            study = optuna.load_study(study_name=name, storage=storage,
+                                      pruner=make_pruner(params))
+        except KeyError:
+            raise PipelineError(f"no study named {name!r} in {redact_url(url)}; start it with "
+                                "`cifar-study run`") from None
+    stored = study.user_attrs.get("fingerprint")
+    if stored is None:
+        study.set_user_attr("fingerprint", fingerprint)
+    elif stored != fingerprint:
+        changed = sorted(f"{section}.{key}" for section in fingerprint
+                         for key in set(fingerprint[section]) | set(stored.get(section, {}))
+                         if fingerprint[section].get(key) != stored.get(section, {}).get(key))
+        raise ConfigError(
+            f"study {name!r} in {redact_url(url)} was created with different settings "
+            f"({', '.join(changed)}); its trials would not be comparable. Set tune.study_name "
+            "to a new name (or `auto`), or delete the study with "
+            f"`optuna delete-study --study-name {name} --storage <url>`")
+    study.sampler = make_sampler(params, params.tune.seed + len(study.trials)
+                                 + 1_000_003 * worker_id)
+    return study
+
+
+def tuned_params(params: Params, values: Mapping[str, float]) -> Params:
+    """``params`` with the tuned keys (``train.lr``, ``model.dropout``) set from ``values``."""
+    train, model = params.train, params.model
+    if LR in values:
+        train = dataclasses.replace(train, lr=float(values[LR]))
+    if DROPOUT in values:
+        model = dataclasses.replace(model, dropout=float(values[DROPOUT]))
+    return dataclasses.replace(params, train=train, model=model)
+
+
+# --- trial bookkeeping -------------------------------------------------------------------------
+
+def _retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+    """Failed trials that a later trial re-runs (heartbeat retry or interrupted-trial retry)."""
+    numbers = set()
+    for t in trials:
+        original = RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
+        if original is None:
+            original = t.user_attrs.get("retry_of")
+        if original is not None:
+            numbers.add(int(original))
+    return numbers
+
+
+@dataclass(frozen=True)
+class Progress:
+    complete: int
+    pruned: int
+    failed: int       # failed for good (diverged, or out of retries), not the retried ones
+    running: int
+    waiting: int      # queued retries
+
+    @property
+    def finished(self) -> int:
+        return self.complete + self.pruned + self.failed
+
+
+def progress(study: optuna.Study) -> Progress:
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried_numbers(trials)
+    count = {state: 0 for state in TrialState}
+    for t in trials:
+        if not (t.state == TrialState.FAIL and t.number in retried):
+            count[t.state] += 1
+    return Progress(count[TrialState.COMPLETE], count[TrialState.PRUNED], count[TrialState.FAIL],
+                    count[TrialState.RUNNING], count[TrialState.WAITING])
+
+
+def recover(study: optuna.Study) -> None:
+    """Fail trials of dead workers (stale heartbeat) and retry them; close their MLflow runs.
+
+    Trials interrupted by Ctrl-C/SIGTERM are marked failed by Optuna itself; they are retried
+    here too, since nothing was wrong with their parameters.
+    """
+    optuna.storages.fail_stale_trials(study)  # its heartbeat callback enqueues the retry
+    trials = study.get_trials(deepcopy=False)
+    retried = _retried_numbers(trials)
+    for t in trials:
+        if t.state != TrialState.FAIL or "fail_reason" in t.user_attrs:
+            continue  # not failed, or failed for a reason of its own (diverged)
+        if t.user_attrs.get("interrupted") and t.number not in retried:
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+            log.info("trial %d was interrupted; queued again", t.number)
+        runs = [t.user_attrs.get("mlflow_run_id"), t.user_attrs.get("mlflow_parent_run_id")]
+        killed = tracking.mark_killed([r for r in runs if r])
+        if killed:
+            log.info("trial %d's worker died; marked MLflow run(s) %s KILLED", t.number,
+                     ", ".join(killed))
+
+
+# --- the objective -----------------------------------------------------------------------------
+
+class _TrialReporter:
+    """fit() callback: report each epoch's metric to the trial and stop it when pruned."""
+
+    def __init__(self, trial: optuna.Trial, metric: str) -> None:
+        self.trial, self.metric = trial, metric
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        epoch = int(row["epoch"])
+        self.trial.set_user_attr("epochs_run", epoch)
+        self.trial.report(row[self.metric], epoch)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after epoch {epoch}: {self.metric} "
+                                     f"{row[self.metric]:.4f} is below the pruner's bar")
+
+
+class Objective:
+    """Train on the train split with a trial's lr and dropout; return the best val metric."""
+
+    def __init__(self, params: Params, prepared_dir: Path, study_name: str,
+                 parent_run_id: str) -> None:
+        self.params, self.study_name, self.parent_run_id = params, study_name, parent_run_id
+        self.device = resolve_device(params.train.device)
+        self.meta = load_meta(prepared_dir)
+        train, val = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
+        # Loaded onto the device once for the whole study.
+        self.train = to_device(train.images, train.labels, self.device)
+        self.val = to_device(val.images, val.labels, self.device)
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        tune = self.params.tune
+        values = {LR: trial.suggest_float(LR, tune.lr_low, tune.lr_high, log=True),
+                  DROPOUT: trial.suggest_float(DROPOUT, tune.dropout_low, tune.dropout_high)}
+        params = tuned_params(self.params, values)
+        cfg = dataclasses.replace(params.train, epochs=tune.epochs_per_trial)
+        outcome: BaseException | None = None
+        with tracking.trial_run(self.study_name, trial.number, values) as run_id:
+            trial.set_user_attr("mlflow_run_id", run_id)
+            trial.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
+            seed_everything(params.base.seed, self.device)  # same init for every trial
+            model = build_model(params.model, self.meta.mean, self.meta.std).to(self.device)
+            try:
+                result = fit(model, self.train, self.val, cfg, params.base.seed,
+                             callbacks=[tracking.EpochLogger(), _TrialReporter(trial, tune.metric)],
+                             eval_batch_size=params.evaluate.batch_size)
+            except optuna.TrialPruned as exc:
+                tracking.set_tags({"optuna.state": "PRUNED", "optuna.reason": str(exc)})
+                outcome = exc
+            except TrainingDiverged as exc:
+                trial.set_user_attr("fail_reason", str(exc))
+                tracking.set_tags({"optuna.state": "FAIL", "optuna.reason": str(exc)})
+                raise
+            except (KeyboardInterrupt, SystemExit):
+                trial.set_user_attr("interrupted", True)
+                tracking.set_tags({"optuna.state": "INTERRUPTED"})
+                raise
+            else:
+                history = result.history
+                value = (result.best_val_acc if tune.metric == "val_acc"
+                         else min(r["val_loss"] for r in history))
+                tracking.set_tags({"optuna.state": "COMPLETE"})
+                tracking.log_metrics({"best_val_acc": result.best_val_acc,
+                                      "best_epoch": result.best_epoch})
+        if outcome is not None:
+            raise outcome  # outside the MLflow run: a pruned trial's run is FINISHED, not FAILED
+        log.info("trial %d: %s %.4f with %s", trial.number, tune.metric, value, values)
+        return value
+
+
+# --- running and reporting ---------------------------------------------------------------------
+
+def run_study(params: Params, prepared_dir: Path, out_dir: Path | None = None,
+              n_trials: int | None = None, worker_id: int = 0,
+              create: bool = True) -> optuna.Study:
+    """Run trials until the study holds ``tune.n_trials`` finished trials (a top-up, so a
+    re-run resumes), or exactly ``n_trials`` more when given (one worker among several).
+
+    With ``out_dir``, write best params, summary, trials CSV and plots there (the tune stage).
+    """
+    study = open_study(params, worker_id, create=create)
+    name = study.study_name
+    target = params.tune.n_trials if n_trials is None else None
+    log.info("study %s in %s: %s", name, redact_url(storage_url(params)),
+             f"topping up to {target} finished trials" if target is not None
+             else f"running {n_trials} trials in this worker")
+    tags = tracking.lineage_tags("tune", params.data.md5)
+    with tracking.study_run(params, name, tags):
+        objective = Objective(params, prepared_dir, name, tracking.active_run_id())
+        ran = 0
+        while True:
+            recover(study)
+            state = progress(study)
+            if target is not None and state.finished + state.running >= target:
+                break
+            if target is None and ran >= n_trials:
+                break
+            study.optimize(objective, n_trials=1, catch=(TrainingDiverged,))
+            ran += 1
+        summary = summarize(study, params)
+        tracking.log_metrics({k: summary[k] for k in
+                              ("trials_complete", "trials_pruned", "trials_failed",
+                               "epochs_spent", "epochs_without_pruning")})
+        if summary["best_trial"] is not None:
+            tracking.log_metrics({"best_value": summary["best_value"]})
+            tracking.set_tags({"optuna.best_trial": summary["best_trial"]})
+            tracking.log_params({f"best.{k}": v for k, v in summary["best_params"].items()})
+        if out_dir is not None:
+            write_outputs(study, params, out_dir)
+    return study
+
+
+def summarize(study: optuna.Study, params: Params) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    state = progress(study)
+    retried = _retried_numbers(trials)
+    counted = [t for t in trials if t.state.is_finished()
+               and not (t.state == TrialState.FAIL and t.number in retried)]
+    epochs_spent = sum(int(t.user_attrs.get("epochs_run", 0)) for t in trials)
+    best = _best_trial(study)
+    return {
+        "study_name": study.study_name,
+        "storage": redact_url(storage_url(params)),
+        "metric": params.tune.metric,
+        "direction": params.tune.direction,
+        "best_value": best.value if best else None,
+        "best_trial": best.number if best else None,
+        "best_params": dict(best.params) if best else {},
+        "trials_complete": state.complete,
+        "trials_pruned": state.pruned,
+        "trials_failed": state.failed,
+        "trials_retried": len(retried),
+        "trials_running": state.running,
+        "epochs_per_trial": params.tune.epochs_per_trial,
+        # every epoch any trial ran, including trials that failed or were retried
+        "epochs_spent": epochs_spent,
+        "epochs_without_pruning": len(counted) * params.tune.epochs_per_trial,
+    }
+
+
+def _best_trial(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no COMPLETE trial yet
+        return None
+
+
+def write_outputs(study: optuna.Study, params: Params, out_dir: Path) -> dict[str, Any]:
+    """best_params.yaml, summary.json, trials.csv and plots/ under ``out_dir``; log them."""
+    import yaml
+
+    summary = summarize(study, params)
+    if summary["best_trial"] is None:  # raised inside the study run: it is marked FAILED
+        state = progress(study)
+        raise PipelineError(
+            f"study {study.study_name} has no completed trial ({state.pruned} pruned, "
+            f"{state.failed} failed; see {out_dir / TRIALS_FILE} or `cifar-study show`). "
+            "Widen tune.lr_low/lr_high, lower tune.lr_high, or raise tune.epochs_per_trial")
+    write_trials_csv(study, out_dir / TRIALS_FILE)
+    plots = write_plots(study, out_dir / PLOTS_DIR)
+    best = {"study_name": summary["study_name"], "best_trial": summary["best_trial"],
+            "metric": summary["metric"], "best_value": summary["best_value"],
+            "params": _nested(summary["best_params"])}
+    write_text(out_dir / BEST_PARAMS_FILE,
+               "# Written by the tune stage; the train stage uses these over params.yaml.\n"
+               + yaml.safe_dump(best, sort_keys=False))
+    write_json(out_dir / SUMMARY_FILE, summary)
+    tracking.log_files([out_dir / BEST_PARAMS_FILE, out_dir / SUMMARY_FILE,
+                        out_dir / TRIALS_FILE], "tune")
+    tracking.log_files(plots, "tune/plots")
+    return summary
+
+
+def write_disabled(out_dir: Path) -> None:
+    """tune.n_trials: 0. Empty best params (training uses params.yaml), a summary that says so."""
+    import yaml
+
+    write_text(out_dir / BEST_PARAMS_FILE,
+               "# tune.n_trials is 0: tuning is off and training uses params.yaml alone.\n"
+               + yaml.safe_dump({"study_name": None, "best_trial": None, "params": {}},
+                                sort_keys=False))
+    write_json(out_dir / SUMMARY_FILE, {"study_name": None, "trials_complete": 0,
+                                        "note": "tune.n_trials is 0; tuning skipped"})
+    write_text(out_dir / TRIALS_FILE, "")
+    (out_dir / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
+
+
+def _nested(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    tree: dict[str, dict[str, float]] = {}
+    for key, value in flat.items():
+        section, name = key.split(".", 1)
+        tree.setdefault(section, {})[name] = float(value)
+    return tree
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> None:
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs",
+                                          "datetime_start", "datetime_complete", "duration"))
+    write_text(path, frame.to_csv(index=False))
+
+
+def write_plots(study: optuna.Study, plot_dir: Path) -> list[Path]:
+    """History, importances and an lr x dropout contour as PNG; skipped with a log line when
+    the study is too small for one (importances need 2+ completed trials)."""
+    from optuna.visualization import matplotlib as optuna_plots
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    makers = {"optimization_history.png": lambda: optuna_plots.plot_optimization_history(study),
+              "param_importances.png": lambda: optuna_plots.plot_param_importances(study),
+              "lr_dropout_contour.png": lambda: optuna_plots.plot_contour(
+                  study, params=[LR, DROPOUT])}
+    written = []
+    for name, make in makers.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = make()
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            log.warning("skipping %s: %s", name, exc)
+            continue
+        figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
+        figure.set_size_inches(8, 6)
+        save_figure(figure, plot_dir / name)
+        written.append(plot_dir / name)
+    return written
+
+
+def load_best_params(path: Path) -> tuple[dict[str, float], dict[str, Any]]:
+    """Read tune/best_params.yaml: (flat values to apply, info for tags)."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise PipelineError(f"cannot read {path}: {exc.strerror}; run the tune stage "
+                            "(dvc repro tune)") from None
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path} is not valid YAML ({exc}); rerun the tune stage "
+                            "(dvc repro --force tune)") from None
+    tree = (data or {}).get("params") or {}
+    flat = {f"{section}.{key}": value for section, values in tree.items()
+            for key, value in values.items()}
+    unknown = set(flat) - {LR, DROPOUT}
+    if unknown:
+        raise PipelineError(f"{path}: unexpected tuned key(s) {', '.join(sorted(unknown))}; "
+                            "only train.lr and model.dropout are tuned")
+    info = {k: data.get(k) for k in ("study_name", "best_trial", "best_value")} if data else {}
+    return flat, info

@@ -1,0 +1,282 @@
+"""The Optuna study: ranges, pruning, NaN trials, resume after SIGKILL, determinism, MLflow runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import yaml
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from cifar_alexnet.archive import read_archive
+from cifar_alexnet.config import params_from_dict
+from cifar_alexnet.errors import ConfigError, PipelineError
+from cifar_alexnet.prepare import prepare
+from cifar_alexnet.stages import apply_best_params
+from cifar_alexnet.tune import (BEST_PARAMS_FILE, DROPOUT, LR, SUMMARY_FILE, TRIALS_FILE,
+                                open_study, progress, run_study, study_name, write_disabled)
+from conftest import subprocess_env, tiny_params, write_params
+
+
+@pytest.fixture(scope="module")
+def prepared(archive, tmp_path_factory):
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(read_archive(archive.path), 0.1, 42, out)
+    return out
+
+
+@pytest.fixture
+def tracking_uri(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def tune_raw(archive, tmp_path, **tune):
+    raw = tiny_params(archive)
+    raw["tune"].update(storage=f"sqlite:///{tmp_path / 'study.db'}", **tune)
+    return raw
+
+
+def tune_params(archive, tmp_path, **tune):
+    return params_from_dict(tune_raw(archive, tmp_path, **tune))
+
+
+def test_study_searches_the_ranges_and_writes_best_params_that_train_uses(
+        archive, prepared, tmp_path, tracking_uri):
+    params = tune_params(archive, tmp_path, n_trials=4, epochs_per_trial=3, pruner="median")
+    out = tmp_path / "tune"
+    study = run_study(params, prepared, out_dir=out)
+
+    assert len(study.trials) == 4 and progress(study).finished == 4
+    for trial in study.trials:
+        assert params.tune.lr_low <= trial.params[LR] <= params.tune.lr_high
+        assert params.tune.dropout_low <= trial.params[DROPOUT] <= params.tune.dropout_high
+    best = yaml.safe_load((out / BEST_PARAMS_FILE).read_text())
+    assert best["best_trial"] == study.best_trial.number
+    assert best["params"] == {"train": {"lr": study.best_params[LR]},
+                              "model": {"dropout": study.best_params[DROPOUT]}}
+    summary = yaml.safe_load((out / SUMMARY_FILE).read_text())
+    assert summary["trials_complete"] + summary["trials_pruned"] == 4
+    assert summary["epochs_without_pruning"] == 4 * 3
+    assert summary["epochs_spent"] == sum(t.user_attrs["epochs_run"] for t in study.trials)
+    # On this seed the median pruner stops a trial early; pruned trials ran fewer epochs.
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned and all(t.user_attrs["epochs_run"] < 3 for t in pruned)
+    assert summary["epochs_spent"] < summary["epochs_without_pruning"]
+    assert len((out / TRIALS_FILE).read_text().splitlines()) == 1 + 4
+    assert {p.name for p in (out / "plots").iterdir()} == {
+        "optimization_history.png", "param_importances.png", "lr_dropout_contour.png"}
+
+    # Training takes the tuned values over params.yaml's and says where they came from.
+    trained, tags = apply_best_params(params, out / BEST_PARAMS_FILE)
+    assert trained.train.lr == study.best_params[LR] != params.train.lr
+    assert trained.model.dropout == study.best_params[DROPOUT]
+    assert tags["tune.study_name"] == study.study_name
+    assert tags["tune.best_trial"] == str(study.best_trial.number)
+
+    # MLflow: one parent run for the invocation, one nested run per trial.
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(params.mlflow.experiment)
+                               .experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert parent.data.tags["optuna.study_name"] == study.study_name
+    assert parent.data.tags["optuna.best_trial"] == str(study.best_trial.number)
+    assert float(parent.data.params[f"best.{LR}"]) == pytest.approx(study.best_params[LR])
+    assert parent.data.metrics["best_value"] == pytest.approx(study.best_value)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "tune/plots")}
+    assert "tune/plots/optimization_history.png" in artifacts
+    by_number = {int(r.data.tags["optuna.trial_number"]): r for r in children}
+    assert sorted(by_number) == [t.number for t in study.trials]
+    for trial in study.trials:
+        run = by_number[trial.number]
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.data.tags["optuna.state"] == trial.state.name
+        assert float(run.data.params[LR]) == pytest.approx(trial.params[LR])
+        history = client.get_metric_history(run.info.run_id, "val/acc")
+        assert [m.step for m in history] == list(range(1, trial.user_attrs["epochs_run"] + 1))
+
+
+def test_rerun_tops_the_study_up_instead_of_starting_over(archive, prepared, tmp_path,
+                                                          tracking_uri):
+    first = run_study(tune_params(archive, tmp_path, n_trials=2, epochs_per_trial=1), prepared)
+    values = [t.value for t in first.trials]
+    again = run_study(tune_params(archive, tmp_path, n_trials=3, epochs_per_trial=1), prepared)
+    assert again.study_name == first.study_name
+    assert len(again.trials) == 3 and [t.value for t in again.trials[:2]] == values
+    unchanged = run_study(tune_params(archive, tmp_path, n_trials=3, epochs_per_trial=1), prepared)
+    assert len(unchanged.trials) == 3
+
+
+def test_same_seed_gives_the_same_sequence_of_suggestions(archive, prepared, tmp_path,
+                                                          tracking_uri):
+    def suggestions(folder, seed):
+        params = tune_params(archive, tmp_path / folder, n_trials=2, epochs_per_trial=1,
+                             pruner="none", seed=seed)
+        return [t.params for t in run_study(params, prepared).trials]
+
+    first = suggestions("a", 7)
+    assert suggestions("b", 7) == first
+    assert suggestions("c", 8) != first
+
+
+def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(archive, prepared,
+                                                                       tmp_path, tracking_uri):
+    raw = tune_raw(archive, tmp_path, n_trials=2, epochs_per_trial=2, lr_low=1e5, lr_high=1e6)
+    raw["train"]["optimizer"] = "sgd"
+    params = params_from_dict(raw)
+    study = run_study(params, prepared)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    for trial in study.trials:
+        assert "lower train.lr" in trial.user_attrs["fail_reason"]
+    client = MlflowClient(tracking_uri)
+    children = client.search_runs(
+        [client.get_experiment_by_name(params.mlflow.experiment).experiment_id],
+        filter_string="tags.optuna.state = 'FAIL'")
+    assert len(children) == 2 and all(r.info.status == "FAILED" for r in children)
+    # With no completed trial there are no best params to write: a clear error, no file.
+    with pytest.raises(PipelineError, match="no completed trial"):
+        run_study(params, prepared, out_dir=tmp_path / "tune")
+    assert not (tmp_path / "tune" / BEST_PARAMS_FILE).exists()
+
+
+def test_a_study_made_for_other_settings_is_refused(archive, tmp_path):
+    params = tune_params(archive, tmp_path, study_name="shared")
+    open_study(params)
+    raw = tune_raw(archive, tmp_path, study_name="shared", epochs_per_trial=5)
+    raw["model"]["width"] = 0.125
+    with pytest.raises(ConfigError, match=r"model.width, tune.epochs_per_trial"):
+        open_study(params_from_dict(raw))
+    # `auto` names the study after its settings, so changed settings get their own study.
+    auto = params_from_dict({**raw, "tune": {**raw["tune"], "study_name": "auto"}})
+    assert study_name(auto) != study_name(tune_params(archive, tmp_path))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"lr_low": 0.1, "lr_high": 0.01}, "tune.lr_low (0.1) must not exceed tune.lr_high"),
+    ({"dropout_high": 1.0}, "tune.dropout_high = 1.0 is invalid"),
+    ({"direction": "minimize"}, "does not fit tune.metric = 'val_acc'"),
+    ({"pruner": "asha"}, "allowed values are median, hyperband, none"),
+    ({"n_trials": -1}, "tune.n_trials = -1 is invalid"),
+])
+def test_invalid_tune_params_are_named(archive, tmp_path, change, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        tune_params(archive, tmp_path, **change)
+
+
+def test_tuning_off_means_training_uses_params_yaml(archive, tmp_path):
+    params = tune_params(archive, tmp_path, n_trials=0)
+    write_disabled(tmp_path / "tune")
+    trained, tags = apply_best_params(params, tmp_path / "tune" / BEST_PARAMS_FILE)
+    assert trained == params
+    assert "params.yaml" in tags["tune.applied"]
+
+
+def cifar_study(*args, cwd, env=None, **popen):
+    return subprocess.Popen([sys.executable, "-m", "cifar_alexnet.study_cli", *args], cwd=cwd,
+                            env=env or subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_until(condition, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_worker_killed_mid_trial_resumes_keeping_finished_trials_and_retrying_the_lost_one(
+        archive, prepared, tmp_path):
+    raw = tune_raw(archive, tmp_path, n_trials=3, epochs_per_trial=3, pruner="none",
+                   heartbeat_seconds=1)
+    params_file = write_params(tmp_path / "params.yaml", raw)
+    params = params_from_dict(raw)
+    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    args = ["run", "--params", str(params_file), "--data", str(prepared)]
+    reader = optuna.storages.RDBStorage(params.tune.storage)
+
+    def trials():
+        try:
+            return optuna.load_study(study_name=study_name(params), storage=reader).trials
+        except KeyError:
+            return []
+
+    def mid_second_trial():
+        ts = trials()
+        return (len(ts) == 2 and ts[0].state == TrialState.COMPLETE
+                and ts[1].state == TrialState.RUNNING and ts[1].user_attrs.get("epochs_run"))
+
+    worker = cifar_study(*args, cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        wait_until(mid_second_trial, 300, "the second trial to be running")
+    finally:
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.communicate()
+    before = trials()
+    killed = before[1]
+    assert killed.state == TrialState.RUNNING  # nobody can tell yet that it is dead
+
+    time.sleep(3 * params.tune.heartbeat_seconds + 1)  # let its heartbeat go stale
+    resumed = cifar_study(*args, cwd=tmp_path, env=env)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err
+
+    after = trials()
+    assert (after[0].state, after[0].value, after[0].params) == (
+        before[0].state, before[0].value, before[0].params)
+    assert after[1].state == TrialState.FAIL
+    retries = [t for t in after
+               if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == 1]
+    assert len(retries) == 1 and retries[0].params == killed.params
+    assert retries[0].state == TrialState.COMPLETE
+    state = progress(optuna.load_study(study_name=study_name(params), storage=reader))
+    assert (state.complete, state.failed, state.running, state.waiting) == (3, 0, 0, 0)
+    assert len(after) == 4  # 3 finished + the killed one, kept as FAIL for the record
+
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert client.get_run(killed.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_study_on_postgresql(archive, prepared, tmp_path):
+    from pg_server import postgres_server, postgres_unavailable_reason
+
+    reason = postgres_unavailable_reason()
+    if reason:
+        pytest.skip(f"PostgreSQL cannot be started here: {reason}")
+    raw = tune_raw(archive, tmp_path, n_trials=100, epochs_per_trial=2, study_name="shared")
+    params_file = write_params(tmp_path / "params.yaml", raw)
+    with postgres_server(tmp_path) as url:
+        workers = [
+            cifar_study("run", "--params", str(params_file), "--data", str(prepared),
+                        "--n-trials", "3", "--worker-id", str(i), cwd=tmp_path,
+                        env=subprocess_env(CIFAR_TUNE_STORAGE=url,
+                                           MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/w{i}.db"))
+            for i in (1, 2)]
+        for worker in workers:
+            _, err = worker.communicate(timeout=600)
+            assert worker.returncode == 0, err
+        study = optuna.load_study(study_name="shared", storage=url)
+        trials = study.trials
+        # The password-free URL is fine to log; MLflow got the masked form either way.
+        assert sorted(t.number for t in trials) == list(range(6))
+        assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+        assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == 6
+        parents = {t.user_attrs["mlflow_parent_run_id"] for t in trials}
+        assert len(parents) == 2  # each worker ran its 3 trials under its own parent run
+        assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
