@@ -1,12 +1,19 @@
+import collections
+import gzip
+import io
 import os
 import pickle
+import re
+import tarfile
 
 import numpy as np
 import pytest
 
+import cifar_alexnet.archive as archive_module
 from cifar_alexnet.archive import ARCHIVE_DIR, OFFICIAL_CLASS_NAMES, read_archive
 from cifar_alexnet.errors import DataError
-from cifar_alexnet.synthetic import archive_members, make_images, pickle_batch, write_tar_gz
+from cifar_alexnet.synthetic import (archive_members, make_images, pickle_batch, special_member,
+                                     write_tar_gz)
 
 
 def test_reads_official_layout_with_class_names(archive):
@@ -90,3 +97,144 @@ def test_missing_members_are_named(tmp_path):
     with pytest.raises(DataError) as info:
         read_archive(tmp_path / "incomplete.tar.gz")
     assert "test_batch" in str(info.value) and "data_batch_3" in str(info.value)
+
+
+# --- Archives that are refused before anything is read from them ----------------------------
+
+REPLACE = "run the download stage again"  # every bad-archive message says how to get a good one
+
+
+def _archive_with(tmp_path, member: str, blob: bytes):
+    members = archive_members(per_batch=10, n_test=10)
+    members[f"{ARCHIVE_DIR}/{member}"] = blob
+    write_tar_gz(tmp_path / "bad.tar.gz", members)
+    return tmp_path / "bad.tar.gz"
+
+
+def _rows_labels():
+    return make_images(10, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("name,message", [
+    (f"{ARCHIVE_DIR}/../../etc/cron.d/evil", "'..' path component (path traversal)"),
+    ("../outside.txt", "'..' path component (path traversal)"),
+    ("/etc/cron.d/evil", "absolute path"),
+    ("C:/Windows/evil.dll", "absolute path"),
+])
+def test_member_paths_outside_the_archive_are_refused(tmp_path, name, message):
+    members = archive_members(per_batch=10, n_test=10)
+    members[name] = b"* * * * * root touch /pwned\n"
+    write_tar_gz(tmp_path / "evil.tar.gz", members)
+    with pytest.raises(DataError) as info:
+        read_archive(tmp_path / "evil.tar.gz")
+    assert f"member {name!r} has a" in str(info.value) and message in str(info.value)
+    assert "corrupt or malicious" in str(info.value) and REPLACE in str(info.value)
+
+
+@pytest.mark.parametrize("kind,linkname,message", [
+    (tarfile.SYMTYPE, "/etc/passwd", "is a symbolic link (to '/etc/passwd')"),
+    (tarfile.LNKTYPE, "/etc/shadow", "is a hard link (to '/etc/shadow')"),
+    (tarfile.CHRTYPE, "", "is a device file"),
+    (tarfile.BLKTYPE, "", "is a device file"),
+    (tarfile.FIFOTYPE, "", "is a FIFO"),
+])
+def test_links_and_device_members_are_refused(tmp_path, kind, linkname, message):
+    # The link sits where a real batch is expected, after the genuine one has been dropped.
+    members = archive_members(per_batch=10, n_test=10)
+    del members[f"{ARCHIVE_DIR}/data_batch_5"]
+    name = f"{ARCHIVE_DIR}/data_batch_5"
+    write_tar_gz(tmp_path / "evil.tar.gz", members, extra=(special_member(name, kind, linkname),))
+    with pytest.raises(DataError) as info:
+        read_archive(tmp_path / "evil.tar.gz")
+    assert f"member {name!r} {message}" in str(info.value)
+    assert "only regular files and directories" in str(info.value) and REPLACE in str(info.value)
+
+
+def test_directory_members_like_the_official_archive_are_accepted(tmp_path):
+    members = archive_members(per_batch=10, n_test=10)
+    write_tar_gz(tmp_path / "a.tar.gz", members,
+                 extra=(special_member(ARCHIVE_DIR, tarfile.DIRTYPE),))
+    assert len(read_archive(tmp_path / "a.tar.gz").test.labels) == 10
+
+
+def test_duplicate_batch_member_is_refused(tmp_path):
+    # A second test_batch after the genuine one would silently replace it if read last-wins.
+    members = archive_members(per_batch=10, n_test=10)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, blob in [*members.items(),
+                           (f"{ARCHIVE_DIR}/test_batch", pickle_batch(*_rows_labels()))]:
+            info = tarfile.TarInfo(name)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    (tmp_path / "dup.tar.gz").write_bytes(gzip.compress(raw.getvalue()))
+    with pytest.raises(DataError) as info:
+        read_archive(tmp_path / "dup.tar.gz")
+    assert f"member '{ARCHIVE_DIR}/test_batch' appears more than once" in str(info.value)
+    assert REPLACE in str(info.value)
+
+
+def test_member_larger_than_any_cifar_file_is_refused_before_reading(tmp_path, monkeypatch):
+    monkeypatch.setattr(archive_module, "MAX_MEMBER_BYTES", 1000)  # instead of a 1 GiB member
+    members = archive_members(per_batch=10, n_test=10)
+    write_tar_gz(tmp_path / "big.tar.gz", members)
+    with pytest.raises(DataError) as info:
+        read_archive(tmp_path / "big.tar.gz")
+    # batches.meta is small; the first batch is the first member over the limit.
+    assert re.search(rf"member '{ARCHIVE_DIR}/data_batch_1' claims \d+ bytes, more than any "
+                     r"CIFAR-10 file \(1000\)", str(info.value))
+
+
+# --- Files that are not a gzip'd tar at all ----------------------------------------------------
+
+@pytest.mark.parametrize("content", [
+    b"",                                            # empty (an interrupted copy)
+    b"<html>404 Not Found</html>\n",                # an error page saved under the archive's name
+    gzip.compress(b"not a tar archive at all" * 100),  # gzip, but no tar inside
+])
+def test_files_that_are_not_a_gzipped_tar_are_reported(tmp_path, content):
+    path = tmp_path / "cifar-10-python.tar.gz"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as info:
+        read_archive(path)
+    assert f"{path} is truncated or not a gzip'd tar archive" in str(info.value)
+    assert REPLACE in str(info.value)
+
+
+def test_missing_archive_and_directory_instead_of_archive(tmp_path):
+    with pytest.raises(DataError, match="archive not found: .*nope.tar.gz; run the download"):
+        read_archive(tmp_path / "nope.tar.gz")
+    with pytest.raises(DataError, match="is a directory, not the cifar-10-python.tar.gz archive"):
+        read_archive(tmp_path)
+
+
+# --- Batches whose pickle is not what a CIFAR batch holds -------------------------------------
+
+@pytest.mark.parametrize("member,blob,message", [
+    # A truncated pickle stream (the archive was re-packed from a broken copy).
+    ("data_batch_1", pickle_batch(*_rows_labels())[:500], "pickle data was truncated"),
+    # Any global beyond numpy array reconstruction is refused, harmless or not.
+    ("data_batch_1", pickle.dumps(collections.OrderedDict(data=1), protocol=2),
+     "refusing to load global collections.OrderedDict"),
+    ("batches.meta", pickle.dumps({b"label_names": [eval]}, protocol=2),
+     "refusing to load global __builtin__.eval"),
+    ("data_batch_1", pickle.dumps([1, 2, 3], protocol=2), "expected a dict, found list"),
+    ("data_batch_1", pickle.dumps({b"data": _rows_labels()[0]}, protocol=2),
+     "missing key 'labels'"),
+    # An object array loads (its elements are plain ints) but is not image data.
+    ("data_batch_1", pickle_batch(_rows_labels()[0].astype(object), _rows_labels()[1]),
+     "must be a uint8 array"),
+    ("data_batch_1", pickle_batch(_rows_labels()[0], [-1] + _rows_labels()[1][1:]),
+     "labels must be in 0..9, found -1..9"),
+    ("data_batch_1", pickle_batch(_rows_labels()[0], [True] * 10), "must be a list of ints"),
+    ("data_batch_1", pickle_batch(_rows_labels()[0], "0123456789"), "must be a list of ints"),
+    ("batches.meta", pickle.dumps({b"label_names": [b"cat"] * 9}, protocol=2),
+     "expected 10 label_names"),
+], ids=["truncated", "other-global", "eval-in-meta", "not-a-dict", "no-labels", "object-array",
+        "negative-label", "bool-labels", "string-labels", "nine-class-names"])
+def test_batches_that_are_not_plain_cifar_data_are_refused(tmp_path, member, blob, message):
+    path = _archive_with(tmp_path, member, blob)
+    with pytest.raises(DataError) as info:
+        read_archive(path)
+    assert f"{path}:{member}" in str(info.value) and message in str(info.value)
+    assert REPLACE in str(info.value)

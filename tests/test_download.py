@@ -1,9 +1,16 @@
+import base64
+import http.server
+import logging
 import socket
+import threading
+from dataclasses import dataclass, field
 
 import pytest
 
 from cifar_alexnet.download import fetch, md5sum
 from cifar_alexnet.errors import DataError
+from cifar_alexnet.io import OutputError
+from cifar_alexnet.redact import redact_url
 
 
 def test_file_url_and_plain_path_are_fetched_and_verified(tmp_path, archive):
@@ -61,3 +68,141 @@ def test_unreachable_server_explains_how_to_supply_the_archive(tmp_path):
 def test_missing_local_file_is_named(tmp_path):
     with pytest.raises(DataError, match="archive not found: .*nope.tar.gz"):
         fetch(str(tmp_path / "nope.tar.gz"), "0" * 32, tmp_path / "out.tar.gz")
+
+
+# --- Loopback HTTP server ----------------------------------------------------------------------
+
+@dataclass
+class Server:
+    """What the loopback server answers, and the Authorization headers it was sent."""
+    body: bytes = b""
+    status: int = 200
+    content_length: int | None = None  # claim more than ``body`` to simulate a cut connection
+    auth_headers: list = field(default_factory=list)
+    url: str = ""
+
+
+@pytest.fixture
+def server():
+    state = Server()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            state.auth_headers.append(self.headers.get("Authorization"))
+            self.send_response(state.status)
+            length = state.content_length if state.content_length is not None else len(state.body)
+            self.send_header("Content-Length", str(length))
+            self.end_headers()
+            self.wfile.write(state.body)
+            self.close_connection = True
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    state.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_http_download_sends_userinfo_as_basic_auth_and_never_logs_the_password(
+        tmp_path, archive, server, caplog):
+    server.body = archive.path.read_bytes()
+    url = server.url.replace("http://", "http://alice:s3cret%40x@") + "/cifar-10-python.tar.gz"
+    with caplog.at_level(logging.DEBUG):
+        dest = fetch(url, archive.md5, tmp_path / "archive.tar.gz")
+    assert md5sum(dest) == archive.md5
+    assert server.auth_headers == ["Basic " + base64.b64encode(b"alice:s3cret@x").decode()]
+    assert "s3cret" not in caplog.text and "alice:***@127.0.0.1" in caplog.text
+
+
+def test_http_error_status_is_named_without_the_password(tmp_path, server):
+    server.status, server.body = 404, b"not here"
+    url = server.url.replace("http://", "http://alice:s3cret@") + "/cifar.tar.gz?token=abc"
+    with pytest.raises(DataError) as info:
+        fetch(url, "0" * 32, tmp_path / "archive.tar.gz")
+    message = str(info.value)
+    assert message == (f"cannot download {server.url.replace('http://', 'http://alice:***@')}"
+                       "/cifar.tar.gz?token=***: the server answered HTTP 404 Not Found; "
+                       "check data.url")
+    assert not (tmp_path / "archive.tar.gz").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_connection_cut_mid_transfer_says_so_and_keeps_nothing(tmp_path, archive, server):
+    data = archive.path.read_bytes()
+    server.body, server.content_length = data[:5000], len(data)
+    with pytest.raises(DataError) as info:
+        fetch(server.url + "/cifar-10-python.tar.gz", archive.md5, tmp_path / "archive.tar.gz")
+    assert str(info.value) == (f"download of {server.url}/cifar-10-python.tar.gz was "
+                               f"interrupted: got 5000 of {len(data)} bytes; run the stage again")
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- Bad data.url values and destinations --------------------------------------------------------
+
+def test_unsupported_scheme_is_named(tmp_path):
+    with pytest.raises(DataError) as info:
+        fetch("htps://user:pw@example.com/cifar.tar.gz", "0" * 32, tmp_path / "a.tar.gz")
+    assert str(info.value) == ("data.url='htps://user:***@example.com/cifar.tar.gz' has the "
+                               "unsupported scheme 'htps'; use https://, http://, ftp://, "
+                               "file:// or a local path")
+
+
+def test_malformed_url_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"data.url='http://\[::1/cifar.tar.gz' is not a valid URL"):
+        fetch("http://[::1/cifar.tar.gz", "0" * 32, tmp_path / "a.tar.gz")
+
+
+def test_unreachable_server_message_masks_the_password(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(DataError) as info:
+        fetch(f"https://bob:hunter2@127.0.0.1:{port}/c.tar.gz", "0" * 32, tmp_path / "a.tar.gz")
+    assert f"cannot download https://bob:***@127.0.0.1:{port}/c.tar.gz:" in str(info.value)
+    assert "hunter2" not in str(info.value)
+
+
+def test_md5_mismatch_message_masks_a_token_in_the_query(tmp_path, archive):
+    url = archive.url + "?token=abcdef"
+    with pytest.raises(DataError) as info:
+        fetch(url, "0" * 32, tmp_path / "a.tar.gz")
+    assert f"md5 mismatch for {archive.url}?token=***:" in str(info.value)
+    assert "abcdef" not in str(info.value)
+
+
+def test_destination_that_is_a_directory_is_reported(tmp_path, archive):
+    (tmp_path / "archive.tar.gz").mkdir()
+    with pytest.raises(OutputError) as info:
+        fetch(archive.url, archive.md5, tmp_path / "archive.tar.gz")
+    assert str(info.value).startswith(
+        f"cannot write {tmp_path / 'archive.tar.gz'}: Is a directory; a directory is in the way")
+    assert [p.name for p in tmp_path.iterdir()] == ["archive.tar.gz"]
+
+
+# --- redact_url --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url,shown", [
+    ("postgresql://user:secret@host/db", "postgresql://user:***@host/db"),
+    ("mysql+pymysql://optuna:p@ss:w0rd@db.example.com:3306/study?charset=utf8mb4",
+     "mysql+pymysql://optuna:***@db.example.com:3306/study?charset=utf8mb4"),
+    ("https://ghp_0123456789abcdef@github.com/org/repo.git",   # a token as the user name
+     "https://***@github.com/org/repo.git"),
+    ("https://host/file.tar.gz?password=a&token=b&secret=c&key=d&api_key=e&keep=f",
+     "https://host/file.tar.gz?password=***&token=***&secret=***&key=***&api_key=***&keep=f"),
+    ("https://bucket.s3.amazonaws.com/c.tar.gz?X-Amz-Credential=AK%2F1&X-Amz-Signature=ff"
+     "&X-Amz-Expires=60",
+     "https://bucket.s3.amazonaws.com/c.tar.gz?X-Amz-Credential=***&X-Amz-Signature=***"
+     "&X-Amz-Expires=60"),
+    ("https://host/cb#access_token=xyz&state=1", "https://host/cb#access_token=***&state=1"),
+    ("sqlite:////home/me/optuna.db", "sqlite:////home/me/optuna.db"),
+    ("https://user:@host/", "https://user:@host/"),                  # nothing to hide
+    ("https://host/a@b?next=c@d", "https://host/a@b?next=c@d"),      # @ after the host
+    ("/data/cifar-10-python.tar.gz", "/data/cifar-10-python.tar.gz"),
+    ("data/odd?token=name.tar.gz", "data/odd?token=name.tar.gz"),     # a path, not a query
+])
+def test_redact_url(url, shown):
+    assert redact_url(url) == shown

@@ -2,7 +2,10 @@
 
 The batches are pickles. ``pickle.load`` on a file from the internet can run arbitrary code, so
 the archive is read with an unpickler that admits only what a CIFAR batch contains: dicts, lists,
-bytes/strings, ints and one uint8 numpy array. Members are read in memory, never extracted.
+bytes/strings, ints and one uint8 numpy array. Members are read in memory, never extracted; even
+so, an archive with links, device files, absolute or ``..`` paths, duplicated or oversized members
+is refused outright, because the official archive has none and such an archive is corrupt or
+crafted (and would be dangerous to anyone who does extract it).
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ NUM_CLASSES = 10
 OFFICIAL_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
                         "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (3, 32, 32)  # channel-major, exactly as the archive stores each 3072-byte row
+# Each official batch is ~31 MB; a member claiming more than this is not a CIFAR batch and would
+# only be read into memory to be rejected (a decompression bomb costs nothing to make).
+MAX_MEMBER_BYTES = 1 << 30
+# What to do about any archive that fails these checks.
+REPLACE_HINT = ("delete it and run the download stage again, or point data.url and data.md5 at "
+                "the official cifar-10-python.tar.gz")
 
 # (module, name) pairs a CIFAR batch needs: numpy array reconstruction (numpy 1.x and 2.x module
 # paths), and _codecs.encode, which Python 3 protocol-2 pickles use to rebuild bytes objects.
@@ -58,8 +67,7 @@ def safe_unpickle(blob: bytes, what: str) -> Any:
     except pickle.UnpicklingError as exc:
         raise DataError(
             f"{what}: unsafe or invalid pickle ({exc}); a CIFAR-10 batch holds only lists, "
-            "strings, ints and a uint8 array, so this file was not loaded. Use the official "
-            "archive or a trusted mirror."
+            "strings, ints and a uint8 array, so this file was not loaded"
         ) from None
     except Exception as exc:  # truncated or garbled pickle streams raise many types
         raise DataError(f"{what}: cannot unpickle ({type(exc).__name__}: {exc})") from None
@@ -115,11 +123,34 @@ class Cifar10:
     class_names: tuple[str, ...]
 
 
+def _member_kind(member: tarfile.TarInfo) -> str | None:
+    """What makes ``member`` unacceptable in a CIFAR archive, or None if it is acceptable."""
+    name = member.name
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return "has an absolute path"
+    if ".." in re.split(r"[/\\]", name):
+        return "has a '..' path component (path traversal)"
+    if member.issym():
+        return f"is a symbolic link (to {member.linkname!r})"
+    if member.islnk():
+        return f"is a hard link (to {member.linkname!r})"
+    if member.ischr() or member.isblk():
+        return "is a device file"
+    if member.isfifo():
+        return "is a FIFO"
+    if not (member.isfile() or member.isdir()):
+        return f"has an unknown member type ({member.type!r})"
+    if member.size > MAX_MEMBER_BYTES:
+        return f"claims {member.size} bytes, more than any CIFAR-10 file ({MAX_MEMBER_BYTES})"
+    return None
+
+
 def read_archive(path: str | Path) -> Cifar10:
     """Read and validate the official cifar-10-python.tar.gz layout, without extracting it.
 
     Needs ``batches.meta``, ``test_batch`` and training batches ``data_batch_1..k`` with no gap;
-    the official archive has k = 5, subsets and mirrors may have fewer.
+    the official archive has k = 5, subsets and mirrors may have fewer. Only regular files and
+    directories with relative, ``..``-free names are accepted, each file name at most once.
     """
     path = Path(path)
     prefix = f"{ARCHIVE_DIR}/"
@@ -127,17 +158,29 @@ def read_archive(path: str | Path) -> Cifar10:
     try:
         with tarfile.open(path, "r:gz") as tar:
             for member in tar:
+                problem = _member_kind(member)
+                if problem:
+                    raise DataError(f"{path}: member {member.name!r} {problem}; the official "
+                                    "archive holds only regular files and directories, so this "
+                                    f"archive is corrupt or malicious and was not read; "
+                                    f"{REPLACE_HINT}")
                 name = member.name[len(prefix):] if member.name.startswith(prefix) else None
                 if member.isfile() and (name in (TEST_BATCH, META_FILE)
                                         or re.fullmatch(r"data_batch_[1-9][0-9]*", name or "")):
+                    if name in blobs:  # a later copy would silently shadow the first
+                        raise DataError(f"{path}: member {member.name!r} appears more than once; "
+                                        f"the archive is corrupt or tampered with; {REPLACE_HINT}")
                     handle = tar.extractfile(member)
                     assert handle is not None
                     blobs[name] = handle.read()
     except FileNotFoundError:
         raise DataError(f"archive not found: {path}; run the download stage first") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory, not the cifar-10-python.tar.gz archive; "
+                        "pass the archive file itself") from None
     except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        raise DataError(f"{path} is truncated or not a gzip'd tar archive ({exc}); delete it and "
-                        "run the download stage again") from None
+        raise DataError(f"{path} is truncated or not a gzip'd tar archive ({exc}); "
+                        f"{REPLACE_HINT}") from None
 
     train_names = sorted((n for n in blobs if n.startswith("data_batch_")),
                          key=lambda n: int(n.rsplit("_", 1)[1]))
@@ -146,17 +189,21 @@ def read_archive(path: str | Path) -> Cifar10:
     missing += [n for n in expected_train or ["data_batch_1"] if n not in blobs]
     if missing:
         raise DataError(f"{path} lacks {', '.join(prefix + n for n in missing)}; it is not a "
-                        "complete cifar-10-python archive")
+                        f"complete cifar-10-python archive; {REPLACE_HINT}")
     if len(train_names) < len(TRAIN_BATCHES):
         log.warning("%s has %d training batches (the official archive has %d)",
                     path, len(train_names), len(TRAIN_BATCHES))
 
-    meta = safe_unpickle(blobs[META_FILE], f"{path}:{META_FILE}")
-    names = _field(meta, "label_names", f"{path}:{META_FILE}")
-    if not isinstance(names, list) or len(names) != NUM_CLASSES:
-        raise DataError(f"{path}:{META_FILE}: expected {NUM_CLASSES} label_names")
-    train = [parse_batch(blobs[n], f"{path}:{n}") for n in train_names]
-    test = parse_batch(blobs[TEST_BATCH], f"{path}:{TEST_BATCH}")
+    try:
+        meta = safe_unpickle(blobs[META_FILE], f"{path}:{META_FILE}")
+        names = _field(meta, "label_names", f"{path}:{META_FILE}")
+        if not isinstance(names, list) or len(names) != NUM_CLASSES \
+                or not all(isinstance(n, (bytes, str)) for n in names):
+            raise DataError(f"{path}:{META_FILE}: expected {NUM_CLASSES} label_names (strings)")
+        train = [parse_batch(blobs[n], f"{path}:{n}") for n in train_names]
+        test = parse_batch(blobs[TEST_BATCH], f"{path}:{TEST_BATCH}")
+    except DataError as exc:
+        raise DataError(f"{exc}; {REPLACE_HINT}") from None
     return Cifar10(
         train=Batch(np.concatenate([b.images for b in train]),
                     np.concatenate([b.labels for b in train])),

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import http.client
 import logging
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from tqdm import tqdm
 
 from .errors import DataError
 from .io import atomic_path
+from .redact import redact_url
 
 log = logging.getLogger(__name__)
 
@@ -28,38 +31,98 @@ def md5sum(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+_SCHEMES = ("http", "https", "ftp")
+
+
+def _is_local(scheme: str, url: str) -> bool:
+    return scheme in ("", "file") or (len(scheme) == 1 and url[1:3] in (":\\", ":/"))  # C:\
+
+
+def _request(url: str) -> urllib.request.Request:
+    """A request for ``url`` with any ``user:password@`` moved into a Basic auth header.
+
+    urllib would otherwise take ``user:password@host`` for the host name (and print it in the
+    resulting error); mirrors behind a login are given this way, as curl and wget accept it.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc or parts.scheme.lower() not in ("http", "https"):  # ftp reads it
+        return urllib.request.Request(url)
+    userinfo, _, host = parts.netloc.rpartition("@")
+    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)))
+    user, _, password = userinfo.partition(":")
+    token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+    request.add_unredirected_header("Authorization",
+                                    "Basic " + base64.b64encode(token.encode()).decode())
+    return request
+
+
 def _open_source(url: str) -> tuple[BinaryIO, int | None]:
     """Open ``url`` for reading; plain paths and file:// URLs are read from disk."""
-    scheme = urllib.parse.urlparse(url).scheme
-    if scheme in ("", "file") or (len(scheme) == 1 and url[1:3] in (":\\", ":/")):  # C:\ paths
-        local = Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path)) \
-            if scheme == "file" else Path(url)
-        if not local.is_file():
-            raise DataError(f"archive not found: {local} (from data.url={url!r}); "
-                            "check the path, or set data.url to where the archive is")
-        return open(local, "rb"), local.stat().st_size
+    shown = redact_url(url)
     try:
-        response = urllib.request.urlopen(url, timeout=60)  # noqa: S310 (scheme checked by user)
-    except (urllib.error.URLError, OSError) as exc:
+        parsed = urllib.parse.urlparse(url)
+    except ValueError as exc:  # e.g. an unclosed [IPv6] bracket
+        raise DataError(f"data.url={shown!r} is not a valid URL ({exc}); set data.url to an "
+                        "https:// or file:// URL, or a local path") from None
+    scheme = parsed.scheme
+    if _is_local(scheme, url):
+        local = Path(urllib.request.url2pathname(parsed.path)) if scheme == "file" else Path(url)
+        if not local.is_file():
+            raise DataError(f"archive not found: {local} (from data.url={shown!r}); "
+                            "check the path, or set data.url to where the archive is")
+        try:
+            return open(local, "rb"), local.stat().st_size
+        except OSError as exc:
+            raise DataError(f"cannot read {local} (from data.url={shown!r}): {exc.strerror}; "
+                            "check its permissions") from None
+    if scheme.lower() not in _SCHEMES:
+        raise DataError(f"data.url={shown!r} has the unsupported scheme {scheme!r}; use "
+                        "https://, http://, ftp://, file:// or a local path")
+    try:
+        response = urllib.request.urlopen(_request(url), timeout=60)  # noqa: S310 (scheme checked)
+    except urllib.error.HTTPError as exc:
+        raise DataError(f"cannot download {shown}: the server answered HTTP {exc.code} "
+                        f"{exc.reason}; check data.url") from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise DataError(
-            f"cannot download {url}: {reason}.\n"
+            f"cannot download {shown}: {reason}.\n"
             "If this machine is offline, fetch cifar-10-python.tar.gz elsewhere and either set "
             "data.url in params.yaml to its local path (or a file:// URL) or put it where the "
             "download stage writes it; it is used as-is once its md5 matches data.md5."
         ) from None
     length = response.headers.get("Content-Length")
-    return response, int(length) if length else None
+    return response, int(length) if length and length.isdigit() else None
+
+
+def _chunks(source: BinaryIO, shown: str, size: int | None) -> Iterator[bytes]:
+    """Read ``source`` to the end; a broken or short transfer is a DataError, not a bad md5."""
+    received = 0
+    while True:
+        try:
+            chunk = source.read(CHUNK)
+        except (OSError, http.client.HTTPException) as exc:
+            raise DataError(f"download of {shown} was interrupted after {received} bytes "
+                            f"({type(exc).__name__}: {exc}); run the stage again") from None
+        if not chunk:
+            break
+        received += len(chunk)
+        yield chunk
+    if size is not None and received < size:
+        raise DataError(f"download of {shown} was interrupted: got {received} of {size} bytes; "
+                        "run the stage again")
 
 
 def fetch(url: str, md5: str, dest: str | Path) -> Path:
     """Make ``dest`` a verified copy of the archive at ``url``; skip if it is already verified.
 
     The download streams into a temporary file beside ``dest`` and only a file whose md5 matches
-    is renamed into place, so a bad or interrupted download never leaves a file behind.
+    is renamed into place, so a bad or interrupted download never leaves a file behind. Passwords
+    and tokens in ``url`` never appear in logs or messages (see :func:`redact_url`).
     """
     dest = Path(dest)
     md5 = md5.lower()
+    shown = redact_url(url)
     if dest.is_file():
         found = md5sum(dest)
         if found == md5:
@@ -75,22 +138,18 @@ def fetch(url: str, md5: str, dest: str | Path) -> Path:
         total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"download {dest.name}",
         disable=None,
     ) as bar:
-        try:
-            for chunk in iter(lambda: source.read(CHUNK), b""):
-                out.write(chunk)
-                digest.update(chunk)
-                bar.update(len(chunk))
-        except (urllib.error.URLError, OSError) as exc:
-            raise DataError(f"download of {url} was interrupted: {exc}; run the stage again") \
-                from None
+        # Write errors (disk full...) propagate as OSError and atomic_path reports them.
+        for chunk in _chunks(source, shown, size):
+            out.write(chunk)
+            digest.update(chunk)
+            bar.update(len(chunk))
         out.flush()
         found = digest.hexdigest()
         if found != md5:
             raise DataError(
-                f"md5 mismatch for {url}: expected {md5} (data.md5), found {found}. "
+                f"md5 mismatch for {shown}: expected {md5} (data.md5), found {found}. "
                 "The file is truncated, corrupt or a different archive; nothing was kept. "
                 "Check data.url, or update data.md5 if you deliberately use another archive."
             )
-    log.info("downloaded %s -> %s (md5 %s verified)", url, dest, md5)
+    log.info("downloaded %s -> %s (md5 %s verified)", shown, dest, md5)
     return dest
-

@@ -16,12 +16,13 @@ import numpy as np
 
 from .archive import NUM_CLASSES, Batch, Cifar10
 from .errors import DataError
-from .io import atomic_path, read_json, write_json
+from .io import atomic_dir, atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 META_NAME = "meta.json"
+OUTPUT_FILES = (*(f"{split}.npz" for split in SPLITS), META_NAME)
 
 
 def stratified_split(labels: np.ndarray, val_size: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -68,23 +69,26 @@ def prepare(data: Cifar10, val_size: float, seed: int, out_dir: str | Path,
         "test": data.test,
     }
     mean, std = channel_stats(splits["train"].images)
-    for name, batch in splits.items():
-        with atomic_path(out_dir / f"{name}.npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, images=batch.images, labels=batch.labels)
     meta = DatasetMeta(data.class_names, tuple(mean), tuple(std),
                        {name: int(len(b.labels)) for name, b in splits.items()})
-    write_json(out_dir / META_NAME, {
-        "class_names": list(meta.class_names),
-        "mean": list(meta.mean),
-        "std": list(meta.std),
-        "sizes": meta.sizes,
-        "class_counts": {name: np.bincount(b.labels, minlength=NUM_CLASSES).tolist()
-                         for name, b in splits.items()},
-        "val_size": val_size,
-        "seed": seed,
-        "source_md5": source_md5,
-    })
+    # The arrays and the meta.json describing them are replaced together: a failed or killed
+    # run leaves the previous prepared directory (or none), never new arrays with old statistics.
+    with atomic_dir(out_dir, replaces=OUTPUT_FILES) as tmp_dir:
+        for name, batch in splits.items():
+            with atomic_path(tmp_dir / f"{name}.npz") as tmp:
+                with open(tmp, "wb") as fh:
+                    np.savez(fh, images=batch.images, labels=batch.labels)
+        write_json(tmp_dir / META_NAME, {
+            "class_names": list(meta.class_names),
+            "mean": list(meta.mean),
+            "std": list(meta.std),
+            "sizes": meta.sizes,
+            "class_counts": {name: np.bincount(b.labels, minlength=NUM_CLASSES).tolist()
+                             for name, b in splits.items()},
+            "val_size": val_size,
+            "seed": seed,
+            "source_md5": source_md5,
+        })
     log.info("prepared %s -> %s (mean %s, std %s)", meta.sizes, out_dir,
              np.round(mean, 4).tolist(), np.round(std, 4).tolist())
     return meta

@@ -51,14 +51,31 @@ def meta_pickle(num_cases_per_batch: int) -> bytes:
                          b"num_vis": int(np.prod(IMAGE_SHAPE))}, protocol=2)
 
 
-def write_tar_gz(path: str | Path, members: dict[str, bytes]) -> str:
-    """Write ``{member name: bytes}`` as a reproducible .tar.gz; return its md5."""
+def special_member(name: str, kind: bytes, linkname: str = "") -> tarfile.TarInfo:
+    """A data-less tar header (``tarfile.SYMTYPE``, ``LNKTYPE``, ``CHRTYPE``, ``DIRTYPE``...).
+
+    The official archive has none but a directory; tests use these to build archives that must be
+    refused (a link or device file where a batch should be).
+    """
+    info = tarfile.TarInfo(name)
+    info.type, info.linkname, info.mtime, info.mode = kind, linkname, 0, 0o644
+    return info
+
+
+def write_tar_gz(path: str | Path, members: dict[str, bytes],
+                 extra: tuple[tarfile.TarInfo, ...] = ()) -> str:
+    """Write ``{member name: bytes}`` (then ``extra`` headers) as a reproducible .tar.gz.
+
+    Returns the archive's md5.
+    """
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.GNU_FORMAT) as tar:
         for name, blob in members.items():
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(blob), 0, 0o644
             tar.addfile(info, io.BytesIO(blob))
+        for info in extra:
+            tar.addfile(info)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as fh, gzip.GzipFile(filename="", fileobj=fh, mode="wb", mtime=0) as gz:

@@ -1,0 +1,319 @@
+"""Stage scripts given bad input or a failing disk: one clear `error:` line, exit 1, no traceback,
+previous outputs intact and no temporary files left.
+
+Each case runs the real pipeline/*.py script in a subprocess. Disk failures are real OS errors:
+a file where a directory should be (ENOTDIR), a per-process file size limit (EFBIG: Python
+ignores SIGXFSZ, so the write fails instead of the process dying) and, where user namespaces
+allow mounting one, a tiny tmpfs that fills up (ENOSPC).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, Archive, stage_script, subprocess_env, tiny_params, write_params
+from cifar_alexnet.archive import ARCHIVE_DIR, read_archive
+from cifar_alexnet.prepare import prepare
+from cifar_alexnet.synthetic import (archive_members, make_images, pickle_batch, special_member,
+                                     write_tar_gz)
+
+# Runs inside `unshare -Urm`: mount the tmpfs (writable at first, so the previous outputs can be
+# copied in; options ending in ",ro" remount it read-only), run the stage, copy the result out.
+_SHELL_ON_SMALL_DISK = """
+mount -t tmpfs -o "${OPTIONS%,ro}" tmpfs "$DISK" || exit 99
+if [ -n "$SEED" ]; then cp -a "$SEED/." "$DISK/" || exit 98; fi
+case "$OPTIONS" in *,ro) mount -o remount,ro "$DISK" || exit 99;; esac
+"$@"
+rc=$?
+cp -a "$DISK/." "$AFTER/"
+exit $rc
+"""
+
+
+def snapshot(directory: Path) -> dict[str, str]:
+    """Every file under ``directory`` (hidden ones too) with the md5 of its content."""
+    return {str(p.relative_to(directory)): hashlib.md5(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one `error: ...` line of a stage that failed cleanly (exit 1, no traceback)."""
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def run_stage(name: str, *args: str, cwd: Path, fsize: int | None = None
+              ) -> subprocess.CompletedProcess:
+    """Run pipeline/<name>.py, under an RLIMIT_FSIZE of ``fsize`` bytes if given."""
+    if fsize is None:
+        return stage_script(name, *args, cwd=cwd)
+
+    def limit() -> None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
+    return subprocess.run([sys.executable, str(ROOT / "pipeline" / f"{name}.py"), *args],
+                          cwd=cwd, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300, preexec_fn=limit)
+
+
+@pytest.fixture
+def project(tmp_path: Path, archive: Archive) -> Path:
+    """A working directory: params.yaml and archive.tar.gz for the test archive, and a dataset
+    already prepared from it in data/prepared (the previous output a failed run must keep)."""
+    write_params(tmp_path / "params.yaml", tiny_params(archive))
+    shutil.copy(archive.path, tmp_path / "archive.tar.gz")
+    prepare(read_archive(archive.path), 0.1, 0, tmp_path / "data" / "prepared",
+            source_md5=archive.md5)
+    return tmp_path
+
+
+# --- prepare: archives that must not be read ----------------------------------------------------
+
+def _with_member(name: str, blob: bytes):
+    def build(path: Path) -> None:
+        members = archive_members(per_batch=10, n_test=10)
+        members[f"{ARCHIVE_DIR}/{name}"] = blob
+        write_tar_gz(path, members)
+    return build
+
+
+def _with_link(path: Path) -> None:
+    members = archive_members(per_batch=10, n_test=10)
+    del members[f"{ARCHIVE_DIR}/test_batch"]
+    write_tar_gz(path, members, extra=(
+        special_member(f"{ARCHIVE_DIR}/test_batch", tarfile.SYMTYPE, "/etc/passwd"),))
+
+
+def _without(name: str):
+    def build(path: Path) -> None:
+        members = archive_members(per_batch=10, n_test=10)
+        del members[f"{ARCHIVE_DIR}/{name}"]
+        write_tar_gz(path, members)
+    return build
+
+
+def _truncated(path: Path) -> None:
+    write_tar_gz(path, archive_members(per_batch=10, n_test=10))
+    path.write_bytes(path.read_bytes()[:3000])
+
+
+class _Payload:
+    """Unpickling this would run a shell command creating ``pwned`` in the working directory."""
+
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+_rows, _labels = make_images(10, np.random.default_rng(0))
+_REPLACE = ("delete it and run the download stage again, or point data.url and data.md5 at the "
+            "official cifar-10-python.tar.gz")
+_REFUSED = ("the official archive holds only regular files and directories, so this archive is "
+            "corrupt or malicious and was not read; " + _REPLACE)
+
+
+@pytest.mark.parametrize("build,message", [
+    (_with_link, "{path}: member 'cifar-10-batches-py/test_batch' is a symbolic link (to "
+                 "'/etc/passwd'); " + _REFUSED),
+    (_with_member("../../escape", b"x"), "{path}: member 'cifar-10-batches-py/../../escape' has "
+                                         "a '..' path component (path traversal); " + _REFUSED),
+    (_with_member("data_batch_1", pickle.dumps({b"data": _Payload()}, protocol=2)),
+     "{path}:data_batch_1: unsafe or invalid pickle (refusing to load global posix.system); a "
+     "CIFAR-10 batch holds only lists, strings, ints and a uint8 array, so this file was not "
+     "loaded; " + _REPLACE),
+    # The decompressor's own words in (...) vary between Python versions.
+    (_truncated, "{path} is truncated or not a gzip'd tar archive (*); " + _REPLACE),
+    (_without("batches.meta"), "{path} lacks cifar-10-batches-py/batches.meta; it is not a "
+                               "complete cifar-10-python archive; " + _REPLACE),
+    (_with_member("test_batch", pickle_batch(_rows, _labels[:-1])),
+     "{path}:test_batch: 10 images but 9 labels; " + _REPLACE),
+    (_with_member("test_batch", pickle_batch(_rows, [10] * 10)),
+     "{path}:test_batch: labels must be in 0..9, found 10..10; " + _REPLACE),
+], ids=["symlink", "path-traversal", "code-in-pickle", "truncated", "missing-meta",
+        "label-count", "label-range"])
+def test_prepare_refuses_a_bad_archive_and_keeps_the_previous_dataset(project, build, message):
+    bad = project / "bad.tar.gz"
+    build(bad)
+    before = snapshot(project / "data")
+    result = run_stage("prepare", "--params", "params.yaml", "--archive", str(bad),
+                       "--out", "data/prepared", cwd=project)
+    head, star, tail = f"error: {message.format(path=bad)}".partition("(*)")
+    line = error_line(result)
+    if star:
+        assert line.startswith(head + "(") and line.endswith(")" + tail), line
+    else:
+        assert line == head
+    assert snapshot(project / "data") == before
+    assert not (project / "pwned").exists()
+
+
+# --- prepare: the disk refuses the new dataset ---------------------------------------------------
+
+def test_prepare_file_too_large_keeps_the_previous_dataset(project):
+    before = snapshot(project / "data")
+    result = run_stage("prepare", "--params", "params.yaml", "--archive", "archive.tar.gz",
+                       "--set", "data.val_size=0.2", "--out", "data/prepared", cwd=project,
+                       fsize=256 * 1024)  # train.npz is 1.2 MB
+    assert error_line(result) == (
+        "error: cannot write data/prepared/train.npz: File too large; the file is larger than "
+        "this file system or process allows (see `ulimit -f`); raise the limit or choose another "
+        "output directory; the previous data/prepared is unchanged")
+    assert snapshot(project / "data") == before
+    assert os.listdir(project / "data") == ["prepared"]  # no temporary directory left beside it
+
+
+def test_prepare_output_below_a_regular_file_is_explained(project):
+    (project / "data" / "blocker").write_text("I am a file")
+    result = run_stage("prepare", "--params", "params.yaml", "--archive", "archive.tar.gz",
+                       "--out", "data/blocker/prepared", cwd=project)
+    assert error_line(result) == (
+        "error: cannot write data/blocker/prepared: Not a directory; data/blocker is a file, not "
+        "a directory; move it away or choose another output path; no partial output was left "
+        "behind")
+    assert (project / "data" / "blocker").read_text() == "I am a file"
+    assert sorted(os.listdir(project / "data")) == ["blocker", "prepared"]
+
+
+def test_prepare_will_not_replace_a_directory_holding_other_files(project):
+    (project / "results").mkdir()
+    (project / "results" / "thesis.tex").write_text("years of work")
+    result = run_stage("prepare", "--params", "params.yaml", "--archive", "archive.tar.gz",
+                       "--out", "results", cwd=project)
+    assert error_line(result) == (
+        "error: cannot write results: it already holds files this stage did not write "
+        "(thesis.tex); this stage replaces the whole directory, so point it at a new or empty "
+        "directory, or move those files away")
+    assert os.listdir(project / "results") == ["thesis.tex"]
+
+
+# --- download: bad data.url and a disk that refuses the archive ----------------------------------
+
+def test_download_file_too_large_keeps_nothing(project):
+    result = run_stage("download", "--params", "params.yaml", "--out", "data/raw/archive.tar.gz",
+                       cwd=project, fsize=256 * 1024)  # the archive is 2.4 MB
+    assert error_line(result) == (
+        "error: cannot write data/raw/archive.tar.gz: File too large; the file is larger than "
+        "this file system or process allows (see `ulimit -f`); raise the limit or choose another "
+        "output directory; no partial output was left behind")
+    assert os.listdir(project / "data" / "raw") == []
+
+
+def test_download_below_a_regular_file_is_explained(project):
+    (project / "data" / "raw").write_text("I am a file")
+    result = run_stage("download", "--params", "params.yaml",
+                       "--out", "data/raw/archive.tar.gz", cwd=project)
+    assert error_line(result) == (
+        "error: cannot write data/raw/archive.tar.gz: Not a directory; data/raw is a file, not a "
+        "directory; move it away or choose another output path; no partial output was left "
+        "behind")
+    assert (project / "data" / "raw").read_text() == "I am a file"
+
+
+def test_download_md5_mismatch_keeps_nothing(project, archive):
+    result = run_stage("download", "--params", "params.yaml", "--set", f"data.md5={'f' * 32}",
+                       "--out", "data/raw/archive.tar.gz", cwd=project)
+    assert error_line(result) == (
+        f"error: md5 mismatch for {archive.url}: expected {'f' * 32} (data.md5), found "
+        f"{archive.md5}. The file is truncated, corrupt or a different archive; nothing was "
+        "kept. Check data.url, or update data.md5 if you deliberately use another archive.")
+    assert os.listdir(project / "data" / "raw") == []
+
+
+def test_download_never_prints_the_password_in_data_url(project, archive):
+    params = tiny_params(archive)
+    params["data"]["url"] = "https://mirror:hunter2@127.0.0.1:9/cifar-10-python.tar.gz"
+    write_params(project / "params.yaml", params)
+    result = run_stage("download", "--params", "params.yaml", "--out", "data/raw/a.tar.gz",
+                       cwd=project)
+    assert error_line(result).startswith(
+        "error: cannot download https://mirror:***@127.0.0.1:9/cifar-10-python.tar.gz: ")
+    assert "hunter2" not in result.stderr + result.stdout
+    assert not (project / "data" / "raw").exists()
+
+
+# --- Disk full, for real: a tiny tmpfs in a private mount namespace -------------------------------
+
+@functools.lru_cache(maxsize=1)
+def _can_mount_tmpfs() -> bool:
+    if not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-Urm", "sh", "-c",
+                            'd=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs "$d"; '
+                            'r=$?; umount "$d" 2>/dev/null; rmdir "$d"; exit $r'],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+needs_tmpfs = pytest.mark.skipif(not _can_mount_tmpfs(),
+                                 reason="needs unshare and user namespaces to mount a small tmpfs")
+
+
+def run_on_small_disk(work: Path, options: str, seed: Path | None, script: str, *args: str
+                      ) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run pipeline script ``script`` with ``work/disk`` a tmpfs mounted with ``options``
+    (``size=3m``, ``ro``...), filled from ``seed`` first.
+
+    The mount exists only inside the namespace, so its contents are copied to ``work/after``
+    before the namespace ends; returns the stage's result and that copy.
+    """
+    disk, after = work / "disk", work / "after"
+    disk.mkdir()
+    after.mkdir()
+    env = subprocess_env(OPTIONS=options, DISK=str(disk), AFTER=str(after), SEED=str(seed or ""))
+    result = subprocess.run(["unshare", "-Urm", "sh", "-c", _SHELL_ON_SMALL_DISK, "sh",
+                             sys.executable, str(ROOT / "pipeline" / script), *args],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode not in (98, 99), result.stderr
+    return result, after
+
+
+@needs_tmpfs
+def test_prepare_disk_full_keeps_the_previous_dataset(project):
+    seed = project / "data"  # the previous prepared dataset, 2.2 MB; the disk holds 3 MB
+    before = snapshot(seed)
+    result, after = run_on_small_disk(
+        project, "size=3m", seed, "prepare.py", "--params", "params.yaml", "--archive",
+        "archive.tar.gz", "--set", "data.val_size=0.2", "--out", "disk/prepared")
+    assert error_line(result) == (
+        "error: cannot write disk/prepared/train.npz: No space left on device; free some disk "
+        "space or choose another output directory; the previous disk/prepared is unchanged")
+    assert snapshot(after) == before
+    assert os.listdir(after) == ["prepared"]
+
+
+@needs_tmpfs
+def test_download_disk_full_keeps_nothing(project):
+    result, after = run_on_small_disk(
+        project, "size=1m", None, "download.py", "--params", "params.yaml",
+        "--out", "disk/cifar-10-python.tar.gz")
+    assert error_line(result) == (
+        "error: cannot write disk/cifar-10-python.tar.gz: No space left on device; free some "
+        "disk space or choose another output directory; no partial output was left behind")
+    assert os.listdir(after) == []
+
+
+@needs_tmpfs
+def test_prepare_on_a_read_only_file_system_keeps_the_previous_dataset(project):
+    seed = project / "data"
+    before = snapshot(seed)
+    result, after = run_on_small_disk(
+        project, "size=8m,ro", seed, "prepare.py", "--params", "params.yaml", "--archive",
+        "archive.tar.gz", "--out", "disk/prepared")
+    assert error_line(result) == (
+        "error: cannot write disk/prepared: Read-only file system; the file system is read-only; "
+        "choose another output directory; the previous disk/prepared is unchanged")
+    assert snapshot(after) == before
