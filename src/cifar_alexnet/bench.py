@@ -1,0 +1,594 @@
+"""Benchmark: a tutorial-style baseline vs. the project's trainer, time-to-accuracy and TFLOP/s.
+
+Torch (and torchvision for the baseline) only, so it runs on the GPU machine as well as on CPU.
+Every function returns numbers; ``pipeline/bench.py`` prints the table and writes the JSON.
+
+* Throughput is measured over whole training steps (data, augmentation, forward, backward,
+  optimizer step) after a warm-up, between CUDA events (``perf_counter`` on CPU).
+* The trainer is measured inside :func:`train.fit` itself: a global optimizer-step hook marks the
+  start and end of the timed window, so the benchmark cannot drift from the code it measures.
+* The baseline is the PyTorch CIFAR-10 tutorial recipe: a dataset of PIL images with per-image
+  CPU transforms, a ``DataLoader``, fp32, batch 128, on the same network (``Classifier.net``:
+  the tutorial's ``Normalize`` does what the project's model does in its first layer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .archive import IMAGE_SHAPE, read_archive
+from .config import ModelConfig, Params, TrainConfig
+from .errors import PipelineError
+from .model import build_model, count_parameters
+from .prepare import SPLITS, load_meta, load_split, prepare
+from .train import Accel, fit, make_optimizer, predict, seed_everything, to_device
+
+log = logging.getLogger(__name__)
+
+BASELINE_BATCH_SIZE = 128          # the tutorial's batch size, whatever params.yaml says
+DEFAULT_WARMUP_STEPS = 30
+DEFAULT_STEPS = 200
+DEFAULT_BUDGET_SECONDS = 300.0
+FULL_TARGET_ACC = 0.85             # target on full CIFAR-10 (50 000 training images)
+SUBSET_TARGET_ACC = 0.45           # target on anything smaller (dev subset, generated data)
+FULL_TRAIN_IMAGES, FULL_TEST_IMAGES = 50_000, 10_000
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendor data sheets. Matched as
+# substrings of torch.cuda.get_device_name(), first match wins (so "H100 PCIe" before "H100").
+PEAK_BF16_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989.0),        # also GH200
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),        # SXM ("NVIDIA H100 80GB HBM3")
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+
+# --smoke: a model and a run small enough to finish in seconds on 2 CPU cores.
+SMOKE_OVERRIDES = ("model.width=0.0625", "train.epochs=2", "train.batch_size=64")
+SMOKE_WARMUP_STEPS, SMOKE_STEPS, SMOKE_BUDGET_SECONDS = 2, 3, 30.0
+SMOKE_IMAGES = {"train": 256, "val": 64, "test": 128}
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+@dataclass(frozen=True)
+class BenchData:
+    """The prepared splits as numpy arrays (uint8 images (N,3,32,32), int64 labels (N,))."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    val_images: np.ndarray
+    val_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    mean: tuple[float, ...]   # train-split statistics, [0, 1] units
+    std: tuple[float, ...]
+    source: str
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train_labels), "val": len(self.val_labels),
+                "test": len(self.test_labels)}
+
+    @property
+    def full_size(self) -> bool:
+        """Whether this is all of CIFAR-10 (train + val = 50 000, test = 10 000)."""
+        return (len(self.train_labels) + len(self.val_labels) == FULL_TRAIN_IMAGES
+                and len(self.test_labels) == FULL_TEST_IMAGES)
+
+    def head(self, sizes: dict[str, int]) -> "BenchData":
+        """The first ``sizes[split]`` images of the named splits (quick CPU runs, ``--smoke``).
+
+        The statistics stay those of the whole train split, as the model would use them.
+        """
+        unknown = set(sizes) - set(SPLITS)
+        if unknown:
+            raise PipelineError(f"unknown split(s) {', '.join(sorted(unknown))}; "
+                                f"splits are {', '.join(SPLITS)}")
+        cut = {f"{split}_{part}": getattr(self, f"{split}_{part}")[:n]
+               for split, n in sizes.items() for part in ("images", "labels")}
+        return dataclasses.replace(self, **cut)
+
+
+def load_prepared(prepared_dir: str | Path, source: str | None = None) -> BenchData:
+    """Read the prepare stage's output (``data/prepared``)."""
+    meta = load_meta(prepared_dir)
+    train, val, test = (load_split(prepared_dir, s) for s in ("train", "val", "test"))
+    return BenchData(train.images, train.labels, val.images, val.labels, test.images,
+                     test.labels, tuple(meta.mean), tuple(meta.std),
+                     source or str(prepared_dir))
+
+
+def load_archive(path: str | Path, val_size: float, seed: int) -> BenchData:
+    """Read an official-format archive and split it exactly as the prepare stage would."""
+    with tempfile.TemporaryDirectory(prefix="bench-prepared-") as tmp:
+        prepare(read_archive(path), val_size, seed, tmp)
+        return load_prepared(tmp, source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and peaks
+
+
+def multiply_adds(model: nn.Module, input_shape: tuple[int, ...] = IMAGE_SHAPE) -> int:
+    """Multiply-accumulates of every Conv2d and Linear layer for one image (forward pass).
+
+    Counted with forward hooks on a real forward pass (a batch of 2 in eval mode, on the model's
+    device), so the count follows whatever the model actually computes.
+    """
+    total = 0
+
+    def count(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        nonlocal total
+        per_output = (module.in_channels // module.groups * math.prod(module.kernel_size)
+                      if isinstance(module, nn.Conv2d) else module.in_features)
+        total += output[0].numel() * per_output  # output[0]: one image's outputs
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()
+             if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(torch.zeros(2, *input_shape, dtype=torch.uint8, device=device))
+    finally:
+        model.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def flops_per_image(model: nn.Module, input_shape: tuple[int, ...] = IMAGE_SHAPE) -> int:
+    """Training FLOPs per image: 2 FLOPs per multiply-add, x3 for forward + backward."""
+    return 3 * 2 * multiply_adds(model, input_shape)
+
+
+def peak_tflops_for_name(device_name: str) -> float | None:
+    """Dense bf16 peak for a CUDA device name, or None when the device is not in the table."""
+    for key, peak in PEAK_BF16_TFLOPS:
+        if key.lower() in device_name.lower():
+            return peak
+    return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def device_peak_tflops(device: torch.device) -> float | None:
+    """Dense bf16 peak of ``device`` in TFLOP/s; None for CPUs and GPUs not in the table."""
+    return peak_tflops_for_name(device_name(device)) if device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+
+
+class _Timer:
+    """Seconds between two marks: CUDA events on the current stream, else a wall clock."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._start: Any = None
+        self._end: Any = None
+
+    def _mark(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self) -> None:
+        self._start = self._mark()
+
+    def stop(self) -> None:
+        self._end = self._mark()
+
+    def seconds(self) -> float:
+        if self._start is None or self._end is None:
+            raise PipelineError("the timed window was not reached: too few training steps")
+        if self.cuda:
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / 1000.0
+        return self._end - self._start
+
+
+class _WindowDone(Exception):
+    """Raised from the step hook to leave fit() once the timed window is over."""
+
+
+def _check_steps(warmup_steps: int, steps: int) -> None:
+    if warmup_steps < 1 or steps < 1:
+        raise PipelineError(f"need --warmup-steps >= 1 and --steps >= 1, got {warmup_steps} "
+                            f"and {steps}")
+
+
+def _throughput(images: int, seconds: float, **extra: Any) -> dict[str, Any]:
+    return {"images_per_s": images / seconds, "seconds": seconds, "images": images, **extra}
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) Tutorial baseline
+
+
+def tutorial_transform(mean: tuple[float, ...], std: tuple[float, ...],
+                       augment: bool = True) -> Callable[[Any], torch.Tensor]:
+    """The tutorial's per-image PIL pipeline: RandomCrop(32, 4), flip, ToTensor, Normalize."""
+    from torchvision import transforms as T
+
+    steps = [T.RandomCrop(IMAGE_SHAPE[1], padding=4), T.RandomHorizontalFlip()] if augment else []
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
+
+
+class TutorialDataset(torch.utils.data.Dataset):
+    """Like ``torchvision.datasets.CIFAR10``: HWC uint8 arrays, a PIL image per ``__getitem__``."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray,
+                 transform: Callable[[Any], torch.Tensor]) -> None:
+        self.images = np.ascontiguousarray(images.transpose(0, 2, 3, 1))  # (N, H, W, C)
+        self.labels = labels.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+def default_workers() -> int:
+    return min(4, os.cpu_count() or 1)
+
+
+def baseline_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainConfig,
+                        device: torch.device, seed: int,
+                        warmup_steps: int = DEFAULT_WARMUP_STEPS, steps: int = DEFAULT_STEPS,
+                        workers: int | None = None) -> dict[str, Any]:
+    """Images/s of the tutorial recipe: PIL transforms in DataLoader workers, fp32, batch 128.
+
+    Same network and optimizer algorithm as the trainer (``params.train.optimizer``), but with
+    torch's defaults everywhere the project chose speed settings: no autocast, NCHW, no fused
+    optimizer, no cuDNN autotuning, and the images cross from the host every step.
+    """
+    _check_steps(warmup_steps, steps)
+    workers = default_workers() if workers is None else workers
+    seed_everything(seed, device)
+    net = build_model(model_config, data.mean, data.std).net.to(device)
+    optimizer = make_optimizer(net, dataclasses.replace(cfg, fused_optimizer=False), device)
+    dataset = TutorialDataset(data.train_images, data.train_labels,
+                              tutorial_transform(data.mean, data.std))
+    batches = warmup_steps + steps
+    # One long shuffled stream (several epochs if needed) so no epoch restart falls in the window.
+    sampler = torch.utils.data.RandomSampler(dataset, num_samples=batches * BASELINE_BATCH_SIZE)
+    loader = torch.utils.data.DataLoader(dataset, BASELINE_BATCH_SIZE, sampler=sampler,
+                                         num_workers=workers, pin_memory=device.type == "cuda",
+                                         drop_last=True)
+    benchmark_was = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    timer = _Timer(device)
+    log.info("baseline: %d warm-up + %d timed steps, batch %d, %d DataLoader workers",
+             warmup_steps, steps, BASELINE_BATCH_SIZE, workers)
+    try:
+        net.train()
+        for step, (images, labels) in enumerate(loader, start=1):
+            images, labels = images.to(device), labels.to(device)
+            loss = F.cross_entropy(net(images), labels, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            # Marks after the optimizer step, as for the trainer: the window holds `steps`
+            # complete steps, data loading included.
+            if step == warmup_steps:
+                timer.start()
+            elif step == batches:
+                timer.stop()
+        seconds = timer.seconds()
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_was
+        del net, optimizer, loader
+        _release(device)
+    result = _throughput(steps * BASELINE_BATCH_SIZE, seconds, steps=steps,
+                         warmup_steps=warmup_steps, batch_size=BASELINE_BATCH_SIZE,
+                         workers=workers, precision="fp32")
+    log.info("baseline: %.0f images/s", result["images_per_s"])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) The project's trainer
+
+
+def trainer_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainConfig,
+                       device: torch.device, seed: int,
+                       warmup_steps: int = DEFAULT_WARMUP_STEPS,
+                       steps: int = DEFAULT_STEPS) -> dict[str, Any]:
+    """Images/s of :func:`train.fit` with ``cfg`` (bf16, channels_last, fused optimizer...).
+
+    fit() runs unchanged on the train split; a global optimizer-step hook starts the timer
+    after step ``warmup_steps`` and stops it (and fit) after step ``warmup_steps + steps``.
+    The split is repeated if one epoch is shorter than that, so no per-epoch evaluation
+    falls inside the window.
+    """
+    _check_steps(warmup_steps, steps)
+    seed_everything(seed, device)
+    model = build_model(model_config, data.mean, data.std).to(device)
+    images, labels = to_device(data.train_images, data.train_labels, device)
+    # At least 8 steps: the schedule's length does not change a step's cost, and OneCycleLR
+    # cannot schedule exactly 4 steps (its warm-up phase would be 0 steps long).
+    needed = max(warmup_steps + steps + 1, 8) * cfg.batch_size
+    if len(labels) < needed:
+        repeat = torch.arange(needed, device=device) % len(labels)
+        images, labels = images[repeat], labels[repeat]
+    val = to_device(data.val_images[:1], data.val_labels[:1], device)  # never reached
+
+    timer = _Timer(device)
+    count = 0
+
+    def on_step(_optimizer: torch.optim.Optimizer, _args: Any, _kwargs: Any) -> None:
+        nonlocal count
+        count += 1
+        if count == warmup_steps:
+            timer.start()
+        elif count == warmup_steps + steps:
+            timer.stop()
+            raise _WindowDone
+
+    accel = Accel.for_config(cfg, device)
+    precision = "bf16" if accel.autocast_dtype == torch.bfloat16 else "fp32"
+    log.info("trainer: %d warm-up + %d timed steps, batch %d, %s", warmup_steps, steps,
+             cfg.batch_size, precision)
+    handle = register_optimizer_step_post_hook(on_step)
+    try:
+        fit(model, (images, labels), val, dataclasses.replace(cfg, epochs=1), seed)
+    except _WindowDone:
+        pass
+    finally:
+        handle.remove()
+        del model, images, labels
+        _release(device)
+    result = _throughput(steps * cfg.batch_size, timer.seconds(), steps=steps,
+                         warmup_steps=warmup_steps, batch_size=cfg.batch_size,
+                         precision=precision, channels_last=accel.channels_last,
+                         fused_optimizer=cfg.fused_optimizer and device.type == "cuda",
+                         compile=cfg.compile)
+    log.info("trainer: %.0f images/s", result["images_per_s"])
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Time to accuracy
+
+
+class _BudgetSpent(Exception):
+    """Raised from the epoch callback to stop fit() once the time budget is used up."""
+
+
+class TestAccuracyClock:
+    """Epoch callback: test accuracy (flip TTA per params) against wall time since creation."""
+
+    def __init__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 accel: Accel, batch_size: int, flip_tta: bool, budget_seconds: float) -> None:
+        self.model, self.images, self.labels = model, images, labels
+        self.accel, self.batch_size, self.flip_tta = accel, batch_size, flip_tta
+        self.budget_seconds = budget_seconds
+        self.rows: list[dict[str, float]] = []
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        logits = predict(self.model, self.images, self.batch_size, self.accel, self.flip_tta)
+        acc = (logits.argmax(1) == self.labels).float().mean().item()  # .item() syncs the GPU
+        seconds = time.perf_counter() - self.started
+        self.rows.append({"epoch": row["epoch"], "seconds": seconds, "test_acc": acc,
+                          "train_loss": row["train_loss"], "val_acc": row["val_acc"]})
+        log.info("epoch %d: test acc %.4f at %.1f s", row["epoch"], acc, seconds)
+        if seconds >= self.budget_seconds:
+            raise _BudgetSpent
+
+
+def time_to_accuracy(params: Params, data: BenchData, device: torch.device, target_acc: float,
+                     budget_seconds: float = DEFAULT_BUDGET_SECONDS) -> dict[str, Any]:
+    """Train with the params' recipe; wall time to ``target_acc`` and best accuracy in budget.
+
+    The clock starts when fit() is called (data and model already on the device) and includes
+    everything the trainer does, per-epoch validation and this test evaluation included. The
+    run ends after the recipe's last epoch or after the first epoch that ends past the budget;
+    only epochs that end within the budget count for ``best_acc_within_budget``.
+    """
+    seed_everything(params.base.seed, device)
+    model = build_model(params.model, data.mean, data.std).to(device)
+    train = to_device(data.train_images, data.train_labels, device)
+    val = to_device(data.val_images, data.val_labels, device)
+    test_images, test_labels = to_device(data.test_images, data.test_labels, device)
+    log.info("time to accuracy: target %.3f, budget %.0f s, %d epochs of %d images",
+             target_acc, budget_seconds, params.train.epochs, len(data.train_labels))
+    clock = TestAccuracyClock(model, test_images, test_labels,
+                              Accel.for_config(params.train, device), params.evaluate.batch_size,
+                              params.evaluate.flip_tta, budget_seconds)
+    try:
+        fit(model, train, val, params.train, params.base.seed, callbacks=[clock],
+            eval_batch_size=params.evaluate.batch_size)
+    except _BudgetSpent:
+        pass
+    finally:
+        del model, train, val, test_images, test_labels
+        _release(device)
+    rows = clock.rows
+    stopped_by = "recipe finished" if len(rows) == params.train.epochs else "budget spent"
+    reached = next((r for r in rows if r["test_acc"] >= target_acc), None)
+    in_budget = [r for r in rows if r["seconds"] <= budget_seconds]
+    best = max(in_budget, key=lambda r: r["test_acc"], default=None)
+    return {
+        "target_acc": target_acc,
+        "seconds_to_target": reached["seconds"] if reached else None,
+        "epoch_at_target": reached["epoch"] if reached else None,
+        "budget_seconds": budget_seconds,
+        "best_acc_within_budget": best["test_acc"] if best else None,
+        "epoch_of_best": best["epoch"] if best else None,
+        "seconds_of_best": best["seconds"] if best else None,
+        "epochs_run": len(rows),
+        "recipe_epochs": params.train.epochs,
+        "stopped_by": stopped_by,
+        "flip_tta": params.evaluate.flip_tta,
+        "history": rows,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Everything, in one run
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    warmup_steps: int = DEFAULT_WARMUP_STEPS
+    steps: int = DEFAULT_STEPS
+    target_acc: float | None = None    # None: FULL_TARGET_ACC on full CIFAR-10, else SUBSET_...
+    budget_seconds: float = DEFAULT_BUDGET_SECONDS
+    baseline: bool = True
+    time_to_accuracy: bool = True
+    workers: int | None = None         # None: default_workers()
+    peak_tflops: float | None = None   # None: look the device up in PEAK_BF16_TFLOPS
+
+
+def _achieved(result: dict[str, Any], flops: int, peak: float | None) -> dict[str, Any]:
+    tflops = result["images_per_s"] * flops / 1e12
+    return {**result, "tflops": tflops, "fraction_of_peak": tflops / peak if peak else None}
+
+
+def run_benchmark(params: Params, data: BenchData, device: torch.device,
+                  options: BenchOptions = BenchOptions()) -> dict[str, Any]:
+    """Baseline and trainer throughput, TFLOP/s against the bf16 peak and time to accuracy."""
+    model = build_model(params.model, data.mean, data.std)
+    flops = flops_per_image(model)
+    parameters = count_parameters(model)
+    del model
+    name = device_name(device)
+    peak = options.peak_tflops or device_peak_tflops(device)
+    results: dict[str, Any] = {
+        "device": name, "device_type": device.type,
+        "torch": torch.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "peak_bf16_tflops": peak,
+        "data": {"source": data.source, "sizes": data.sizes, "full_cifar10": data.full_size},
+        "model": {"parameters": parameters, "flops_per_train_image": flops,
+                  "macs_per_image": flops // 6},
+        "options": dataclasses.asdict(options),
+        "params": params.to_dict(),
+    }
+    try:
+        import torchvision
+        results["torchvision"] = torchvision.__version__
+    except ImportError:
+        results["torchvision"] = None
+    log.info("%s: %s, %.3f GFLOP per training image, bf16 peak %s", name,
+             params.model.arch, flops / 1e9, _num(peak, ".0f", " TFLOP/s"))
+
+    baseline = None
+    if options.baseline:
+        baseline = _achieved(baseline_throughput(
+            params.model, data, params.train, device, params.base.seed, options.warmup_steps,
+            options.steps, options.workers), flops, peak)
+    trainer = _achieved(trainer_throughput(params.model, data, params.train, device,
+                                           params.base.seed, options.warmup_steps, options.steps),
+                        flops, peak)
+    results["throughput"] = {
+        "baseline": baseline, "trainer": trainer,
+        "speedup": trainer["images_per_s"] / baseline["images_per_s"] if baseline else None,
+    }
+    if options.time_to_accuracy:
+        target = options.target_acc if options.target_acc is not None else (
+            FULL_TARGET_ACC if data.full_size else SUBSET_TARGET_ACC)
+        results["time_to_accuracy"] = {
+            **time_to_accuracy(params, data, device, target, options.budget_seconds),
+            "subset": not data.full_size}
+    else:
+        results["time_to_accuracy"] = None
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+LABEL = 58  # width of the table's label column
+
+
+def _num(value: float | None, fmt: str, suffix: str = "") -> str:
+    return "n/a" if value is None else format(value, fmt) + suffix
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The human-readable summary, last thing the script prints."""
+    p, model = results["params"], results["model"]
+    lines = [
+        f"device  {results['device']}  (torch {results['torch']}, bf16 peak "
+        f"{_num(results['peak_bf16_tflops'], '.0f', ' TFLOP/s')})",
+        f"model   {p['model']['arch']} width {p['model']['width']}, "
+        f"{model['parameters'] / 1e6:.1f} M parameters, "
+        f"{model['flops_per_train_image'] / 1e9:.3f} GFLOP per training image (fwd+bwd)",
+        f"data    {results['data']['source']}  {results['data']['sizes']}"
+        + ("" if results["data"]["full_cifar10"] else "  [SUBSET]"),
+        "",
+        f"{'training throughput':<{LABEL}}{'images/s':>10}{'TFLOP/s':>10}{'% peak':>8}",
+    ]
+    tp = results["throughput"]
+    b, t = tp["baseline"], tp["trainer"]
+    rows = []
+    if b:
+        rows.append((f"(a) tutorial: PIL+DataLoader({b['workers']} workers), fp32, "
+                     f"bs {b['batch_size']}", b))
+    rows.append((f"(b) trainer: {t['precision']}"
+                 + (", channels_last" if t["channels_last"] else "")
+                 + (", fused" if t["fused_optimizer"] else "")
+                 + (", compiled" if t["compile"] else "") + f", bs {t['batch_size']}", t))
+    for label, r in rows:
+        frac = r["fraction_of_peak"]
+        lines.append(f"{label:<{LABEL}}{r['images_per_s']:>10.0f}{r['tflops']:>10.3f}"
+                     f"{_num(None if frac is None else 100 * frac, '.1f'):>8}")
+    lines.append(f"{'speed-up (b)/(a)':<{LABEL}}{_num(tp['speedup'], '.2f', 'x'):>10}")
+    lines.append(f"  ({t['steps']} timed steps after {t['warmup_steps']} warm-up steps each)")
+    tta = results["time_to_accuracy"]
+    if tta:
+        tag = " [subset]" if tta["subset"] else ""
+        reached = (f"{tta['seconds_to_target']:.1f} s (epoch {tta['epoch_at_target']})"
+                   if tta["seconds_to_target"] is not None else "not reached")
+        best = (f"{100 * tta['best_acc_within_budget']:.2f}% (epoch {tta['epoch_of_best']}, "
+                f"{tta['seconds_of_best']:.1f} s)"
+                if tta["best_acc_within_budget"] is not None else "no epoch finished in budget")
+        lines += [
+            "",
+            f"time to {100 * tta['target_acc']:.1f}% test acc{tag}".ljust(LABEL) + reached,
+            f"best test acc within {tta['budget_seconds']:.0f} s{tag}".ljust(LABEL) + best,
+            f"  ({tta['epochs_run']} of {tta['recipe_epochs']} recipe epochs run, "
+            f"{tta['stopped_by']}; flip TTA {'on' if tta['flip_tta'] else 'off'})",
+        ]
+    return "\n".join(lines) + "\n"
