@@ -47,13 +47,14 @@ def run_id(repro):
 def test_repro_produces_every_output(repro):
     project, _ = repro
     for path in ("data/raw/cifar-10-python.tar.gz", "data/prepared/train.npz",
-                 "data/prepared/meta.json", "models/model.pt", "models/checkpoint.pt",
+                 "data/prepared/meta.json", "models/model.pt",
                  "metrics/train.json", "metrics/train_history.csv", "metrics/evaluate.json",
                  "reports/confusion_matrix.png", "reports/classification_report.csv",
                  "reports/classification_report.txt", "reports/predictions.csv", "dvc.lock",
                  "tune/best_params.yaml", "tune/summary.json", "tune/trials.csv",
                  "tune/plots/optimization_history.png"):
         assert (project / path).is_file(), path
+    assert not (project / "checkpoints/train.pt").exists()  # finished: nothing to resume
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     assert {"accuracy", "loss", "macro_f1", "weighted_f1"} <= set(evaluation)
     assert evaluation["accuracy"] > 0.4  # 4x chance: the synthetic classes are learnable

@@ -43,7 +43,7 @@ def tracking_uri(tmp_path):
 
 def tune_raw(archive, tmp_path, **tune):
     raw = tiny_params(archive)
-    raw["tune"].update(storage=f"sqlite:///{tmp_path / 'study.db'}", **tune)
+    raw["tune"].update({"storage": f"sqlite:///{tmp_path / 'study.db'}", **tune})
     return raw
 
 
@@ -280,3 +280,56 @@ def test_two_workers_share_a_study_on_postgresql(archive, prepared, tmp_path):
         parents = {t.user_attrs["mlflow_parent_run_id"] for t in trials}
         assert len(parents) == 2  # each worker ran its 3 trials under its own parent run
         assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+
+
+def test_storage_passwords_never_reach_mlflow_or_the_summary(archive, tmp_path):
+    from cifar_alexnet.tracking import public_params
+    from cifar_alexnet.tune import storage_url
+
+    params = tune_params(archive, tmp_path, storage="postgresql://optuna:s3cret@127.0.0.1/db")
+    logged = public_params(params)
+    assert logged["tune"]["storage"] == "postgresql://optuna:***@127.0.0.1/db"
+    assert "s3cret" not in str(logged)
+    assert storage_url(params) == "postgresql://optuna:s3cret@127.0.0.1/db"  # used, not shown
+
+
+@pytest.mark.slow
+def test_optuna_cli_and_dashboard_read_the_same_study(archive, prepared, tmp_path, tracking_uri):
+    import json as _json
+    import socket
+    import urllib.request
+
+    params = tune_params(archive, tmp_path, n_trials=2, epochs_per_trial=1)
+    study = run_study(params, prepared)
+    url, env = params.tune.storage, subprocess_env()
+    bin_dir = Path(sys.executable).parent
+
+    listed = subprocess.run([bin_dir / "optuna", "studies", "--storage", url, "-f", "json"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert listed.returncode == 0, listed.stderr
+    assert study.study_name in [s["name"] for s in _json.loads(listed.stdout)]
+    best = subprocess.run([bin_dir / "optuna", "best-trial", "--study-name", study.study_name,
+                           "--storage", url, "-f", "json"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert best.returncode == 0, best.stderr
+    assert _json.loads(best.stdout)["number"] == study.best_trial.number
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dashboard = subprocess.Popen([bin_dir / "optuna-dashboard", url, "--host", "127.0.0.1",
+                                  "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+    try:
+        def studies():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies",
+                                            timeout=2) as response:
+                    return _json.loads(response.read())["study_summaries"]
+            except OSError:
+                return None
+        wait_until(lambda: studies() is not None, 60, "optuna-dashboard to answer")
+        assert study.study_name in [s["study_name"] for s in studies()]
+    finally:
+        dashboard.terminate()
+        dashboard.wait(timeout=30)

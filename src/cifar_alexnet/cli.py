@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Callable
 
@@ -38,12 +39,16 @@ def run_stage(main: Callable[[], None]) -> None:
     """Run a stage; a PipelineError becomes one clear line on stderr and exit status 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    # Pre-emption sends SIGTERM: unwind like Ctrl-C, so MLflow runs are marked KILLED and
+    # temporary files are removed. (SIGKILL cannot be caught; a rerun recovers from it.)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted; outputs already written are complete, the rest were not written",
+        print("interrupted; outputs already written are complete, the rest were not written; "
+              "run it again to resume (training continues from its last checkpoint)",
               file=sys.stderr)
         sys.exit(130)

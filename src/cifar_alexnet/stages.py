@@ -7,7 +7,9 @@ and is the only code that touches the test split.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
@@ -33,7 +35,6 @@ from .tune import load_best_params, tuned_params
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
-CHECKPOINT_FILE = "checkpoint.pt"
 RUN_FILE = "mlflow_run.json"
 
 
@@ -70,10 +71,43 @@ def apply_best_params(params: Params, best_params_path: Path | None,
         "tune.best_trial": str(info.get("best_trial"))}
 
 
+def training_fingerprint(params: Params) -> str:
+    """Hash of the effective params and of this package's code: a checkpoint is resumed only
+    by the training it came from."""
+    digest = hashlib.sha256(json.dumps(params.to_dict(), sort_keys=True).encode())
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def resumable_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] | None:
+    """The checkpoint at ``path`` if it belongs to this training, else None (fresh start)."""
+    if path is None or not path.is_file():
+        return None
+    try:
+        checkpoint = load_checkpoint(path)
+    except Exception as exc:  # torch.load raises many types for a damaged or foreign file
+        log.warning("not resuming: %s cannot be read (%s); starting from epoch 1", path, exc)
+        return None
+    if checkpoint.get("fingerprint") != fingerprint:
+        log.warning("not resuming: %s was written by a training with other params or code; "
+                    "starting from epoch 1", path)
+        stale_run = checkpoint.get("mlflow_run_id")
+        if stale_run:
+            tracking.mark_killed([stale_run])
+        return None
+    return checkpoint
+
+
 def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_path: Path,
                 history_path: Path, best_params_path: Path | None = None,
-                keep: Collection[str] = ()) -> dict[str, Any]:
-    """Train on the train split, select on val, write the best model; return train metrics."""
+                keep: Collection[str] = (), checkpoint_path: Path | None = None) -> dict[str, Any]:
+    """Train on the train split, select on val, write the best model; return train metrics.
+
+    With ``checkpoint_path``, every epoch is checkpointed there and an interrupted training of
+    the same params and code resumes from it (and continues its MLflow run); the checkpoint is
+    removed once the model is written.
+    """
     params, tune_tags = apply_best_params(params, best_params_path, keep)
     meta = load_meta(prepared_dir)
     train_split, val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
@@ -84,9 +118,14 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
     model.to(device)
     log.info("training %s (width %s, %s parameters) on %s", params.model.arch,
              params.model.width, f"{count_parameters(model):,}", device)
+    fingerprint = training_fingerprint(params)
+    resume = resumable_checkpoint(checkpoint_path, fingerprint)
 
     tags = {**tracking.lineage_tags("train", params.data.md5), **tune_tags}
-    with tracking.training_run(params, tags) as run_id:
+    if resume is not None:
+        tags["resumed_from_epoch"] = str(resume["epoch"])
+    with tracking.training_run(params, tags,
+                               continue_run_id=resume and resume.get("mlflow_run_id")) as run_id:
         tracking.log_text(model_summary, "model/summary.txt")
         tracking.log_dict({"class_names": list(meta.class_names), "mean": list(meta.mean),
                            "std": list(meta.std), "sizes": meta.sizes}, "data/dataset_meta.json")
@@ -94,9 +133,11 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
                            "data/augmented_train_samples.png")
         result = fit(model, to_device(train_split.images, train_split.labels, device),
                      to_device(val_split.images, val_split.labels, device), params.train,
-                     params.base.seed, checkpoint_path=model_dir / CHECKPOINT_FILE,
-                     checkpoint_extra={"params": params.to_dict(), "mlflow_run_id": run_id},
-                     callbacks=[tracking.EpochLogger()], eval_batch_size=params.evaluate.batch_size)
+                     params.base.seed, checkpoint_path=checkpoint_path,
+                     checkpoint_extra={"params": params.to_dict(), "mlflow_run_id": run_id,
+                                       "fingerprint": fingerprint},
+                     callbacks=[tracking.EpochLogger()], eval_batch_size=params.evaluate.batch_size,
+                     resume=resume)
         model.load_state_dict(result.best_state)
         save_checkpoint(model_dir / MODEL_FILE, {
             "model_state": model.state_dict(), "model_config": asdict(params.model),
@@ -121,6 +162,8 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
         model_uri = tracking.log_model(model, val_split.images[:2])
         write_json(model_dir / RUN_FILE, {"run_id": run_id, "model_uri": model_uri,
                                           "experiment": params.mlflow.experiment})
+    if checkpoint_path is not None:
+        checkpoint_path.unlink(missing_ok=True)  # done: nothing left to resume
     return metrics
 
 

@@ -81,13 +81,45 @@ def _set_experiment(params: Params) -> None:
 
 
 @contextlib.contextmanager
-def training_run(params: Params, tags: dict[str, str]) -> Iterator[str]:
+def _run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
+    """``mlflow.start_run`` whose end status says how it ended: FINISHED, FAILED (an error) or
+    KILLED (Ctrl-C or SIGTERM, which the stage scripts turn into KeyboardInterrupt)."""
+    run = mlflow.start_run(**start_kwargs)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+
+
+def run_exists(run_id: str) -> bool:
+    try:
+        mlflow.get_run(run_id)
+    except MlflowException:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def training_run(params: Params, tags: dict[str, str],
+                 continue_run_id: str | None = None) -> Iterator[str]:
     """Start the pipeline's MLflow run; log flattened and effective params; yield the run id.
 
-    An exception inside marks the run FAILED (MLflow's context manager does that).
+    ``continue_run_id``: the run of an interrupted training that this one resumes; it is
+    continued when the store still has it, else the new run links to it with a tag.
     """
     _set_experiment(params)
-    with mlflow.start_run(tags=tags) as run:
+    if continue_run_id and run_exists(continue_run_id):
+        start: dict[str, Any] = {"run_id": continue_run_id}
+    else:
+        start = {"tags": {**tags, **({"resumes_run_id": continue_run_id}
+                                     if continue_run_id else {})}}
+    with _run(**start) as run:
+        mlflow.set_tags(tags)
         _log_params(params)
         log.info("MLflow run %s in experiment %s (%s)", run.info.run_id,
                  run.info.experiment_id, mlflow.get_tracking_uri())
@@ -104,7 +136,7 @@ def resumed_run(run_id: str, tags: dict[str, str]) -> Iterator[str]:
             f"MLflow run {run_id} (from the train stage) is not in the tracking store "
             f"{mlflow.get_tracking_uri()}: {exc.message}. Use the same MLFLOW_TRACKING_URI for "
             "train and evaluate, or rerun training (dvc repro --force train).") from None
-    with mlflow.start_run(run_id=run_id) as run:
+    with _run(run_id=run_id) as run:
         mlflow.set_tags(tags)
         yield run.info.run_id
 
@@ -113,8 +145,8 @@ def resumed_run(run_id: str, tags: dict[str, str]) -> Iterator[str]:
 def study_run(params: Params, study_name: str, tags: dict[str, str]) -> Iterator[str]:
     """The parent run of one tuning invocation (one per worker process)."""
     _set_experiment(params)
-    with mlflow.start_run(run_name=f"study {study_name}",
-                          tags={**tags, "optuna.study_name": study_name}) as run:
+    with _run(run_name=f"study {study_name}",
+              tags={**tags, "optuna.study_name": study_name}) as run:
         _log_params(params)
         log.info("MLflow parent run %s for study %s (%s)", run.info.run_id, study_name,
                  mlflow.get_tracking_uri())
@@ -124,9 +156,8 @@ def study_run(params: Params, study_name: str, tags: dict[str, str]) -> Iterator
 @contextlib.contextmanager
 def trial_run(study_name: str, number: int, trial_params: dict[str, Any]) -> Iterator[str]:
     """A nested run for one Optuna trial, under the active study run."""
-    with mlflow.start_run(run_name=f"trial {number}", nested=True,
-                          tags={"optuna.study_name": study_name,
-                                "optuna.trial_number": str(number)}) as run:
+    with _run(run_name=f"trial {number}", nested=True,
+              tags={"optuna.study_name": study_name, "optuna.trial_number": str(number)}) as run:
         mlflow.log_params(trial_params)
         yield run.info.run_id
 

@@ -259,6 +259,10 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         log.info("epoch %d/%d  train loss %.4f acc %.4f | val loss %.4f acc %.4f | %.1fs",
                  epoch, cfg.epochs, row["train_loss"], row["train_acc"], val_loss, val_acc,
                  row["seconds"])
+        # Callbacks first: if the process dies between the two, a resume repeats this epoch
+        # (same numbers, logged twice) rather than losing its metrics.
+        for callback in callbacks:
+            callback.on_epoch_end(row)
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {
                 "epoch": epoch,
@@ -273,8 +277,6 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
                 "train_config": asdict(cfg),
                 **(checkpoint_extra or {}),
             })
-        for callback in callbacks:
-            callback.on_epoch_end(row)
     return best
 
 
