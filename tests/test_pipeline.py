@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -291,3 +292,18 @@ def test_evaluate_against_a_store_without_the_training_run_fails_clearly(repro, 
     assert "is not in the tracking store" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "evaluate.json").exists()
+
+
+def test_mlflow_project_tune_entry_point_tops_the_study_up_under_its_run(repro, client):
+    project, _ = repro
+    result = run([sys.executable, "-m", "mlflow", "run", ".", "-e", "tune", "--env-manager",
+                  "local", "-P", "overrides=tune.n_trials=3"], cwd=project, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    parent_id = re.search(r"Run \(ID '(\w+)'\) succeeded", result.stderr).group(1)
+    parent = client.get_run(parent_id)
+    assert parent.data.params["tune.n_trials"] == "3"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 1  # the study had 2 finished trials; one more tops it up to 3
+    summary = json.loads((project / "tune/summary.json").read_text())
+    assert summary["trials_complete"] + summary["trials_pruned"] == 3

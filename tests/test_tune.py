@@ -333,3 +333,20 @@ def test_optuna_cli_and_dashboard_read_the_same_study(archive, prepared, tmp_pat
     finally:
         dashboard.terminate()
         dashboard.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_tune_benchmark_script_compares_pruners_side_by_side(archive, prepared, tmp_path):
+    params_file = write_params(tmp_path / "params.yaml",
+                               tune_raw(archive, tmp_path, n_trials=3, epochs_per_trial=2))
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[1] / "pipeline" / "tune_bench.py"),
+         "--params", str(params_file), "--data", str(prepared), "--json",
+         str(tmp_path / "rows.json")], capture_output=True, text=True, env=subprocess_env(),
+        timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = {r["pruner"]: r for r in yaml.safe_load((tmp_path / "rows.json").read_text())}
+    assert set(rows) == {"median", "none"}
+    assert rows["none"]["epochs_spent"] == rows["none"]["epochs_without_pruning"] == 6
+    assert rows["median"]["epochs_spent"] <= 6 and rows["median"]["trials"] == 3
+    assert "trials/h" in result.stdout.splitlines()[-3]

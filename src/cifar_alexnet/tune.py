@@ -106,8 +106,10 @@ def make_sampler(params: Params, seed: int) -> optuna.samplers.BaseSampler:
 
 def make_pruner(params: Params) -> optuna.pruners.BasePruner:
     if params.tune.pruner == "median":
-        # Compare from epoch 2 on, once 3 trials have finished.
-        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+        # Judge a trial only after its one-cycle warm-up (a quarter of its epochs): while the
+        # lr is still rising, a trial that will end well can look poor. Needs 3 finished trials.
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=3, n_warmup_steps=max(1, params.tune.epochs_per_trial // 4))
     if params.tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1,
                                               max_resource=params.tune.epochs_per_trial)
