@@ -28,6 +28,7 @@ def main() -> None:
     params = parse_params(args)
     workdir = Path(tempfile.mkdtemp(prefix="tune-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
+    os.environ.pop("CIFAR_TUNE_STORAGE", None)  # it would override the fresh studies below
     from cifar_alexnet.tune import run_study, summarize  # after the tracking URI is set
 
     rows = []
@@ -50,7 +51,7 @@ def main() -> None:
     print(header)
     for r in rows:
         print(f"{r['pruner']:<10}{r['trials']:>7}{r['pruned']:>8}{r['epochs_spent']:>8}"
-              f"{r['epochs_without_pruning']:>10}{r['best_value']:>14.4f}{r['seconds']:>9.1f}"
+              f"{r['epochs_without_pruning']:>10}{r['best_value'] or float('nan'):>14.4f}{r['seconds']:>9.1f}"
               f"{r['trials_per_hour']:>10.0f}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -350,3 +350,11 @@ def test_tune_benchmark_script_compares_pruners_side_by_side(archive, prepared, 
     assert rows["none"]["epochs_spent"] == rows["none"]["epochs_without_pruning"] == 6
     assert rows["median"]["epochs_spent"] <= 6 and rows["median"]["trials"] == 3
     assert "trials/h" in result.stdout.splitlines()[-3]
+
+
+def test_hand_edited_best_params_are_validated_like_params_yaml(archive, tmp_path):
+    params = tune_params(archive, tmp_path)
+    path = tmp_path / BEST_PARAMS_FILE
+    path.write_text("params:\n  model:\n    dropout: 1.2\n")
+    with pytest.raises(ConfigError, match=r"best_params.yaml: model.dropout = 1.2 is invalid"):
+        apply_best_params(params, path)

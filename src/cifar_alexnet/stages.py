@@ -66,15 +66,20 @@ def apply_best_params(params: Params, best_params_path: Path | None,
     applied = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
     log.info("using tuned %s from %s (study %s, trial %s) over params.yaml", applied,
              best_params_path, info.get("study_name"), info.get("best_trial"))
-    return tuned_params(params, values), {
+    return tuned_params(params, values, source=str(best_params_path)), {
         "tune.applied": applied, "tune.study_name": str(info.get("study_name")),
         "tune.best_trial": str(info.get("best_trial"))}
 
 
 def training_fingerprint(params: Params) -> str:
-    """Hash of the effective params and of this package's code: a checkpoint is resumed only
-    by the training it came from."""
-    digest = hashlib.sha256(json.dumps(params.to_dict(), sort_keys=True).encode())
+    """Hash of what training depends on (the train stage's params in dvc.yaml, the data) and of
+    this package's code: a checkpoint is resumed only by the training it came from."""
+    tree = params.to_dict()
+    relevant = {"base": tree["base"], "model": tree["model"], "train": tree["train"],
+                "data": {k: tree["data"][k] for k in ("md5", "val_size")},
+                "evaluate.batch_size": tree["evaluate"]["batch_size"],
+                "mlflow": tree["mlflow"]}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     for source in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(source.read_bytes())
     return digest.hexdigest()
@@ -119,13 +124,18 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
     log.info("training %s (width %s, %s parameters) on %s", params.model.arch,
              params.model.width, f"{count_parameters(model):,}", device)
     fingerprint = training_fingerprint(params)
-    resume = resumable_checkpoint(checkpoint_path, fingerprint)
+    checkpoint = resumable_checkpoint(checkpoint_path, fingerprint)
+    # An epoch-0 checkpoint only names the run of a training killed in its first epoch.
+    resume = checkpoint if checkpoint and checkpoint["epoch"] > 0 else None
 
     tags = {**tracking.lineage_tags("train", params.data.md5), **tune_tags}
     if resume is not None:
         tags["resumed_from_epoch"] = str(resume["epoch"])
-    with tracking.training_run(params, tags,
-                               continue_run_id=resume and resume.get("mlflow_run_id")) as run_id:
+    with tracking.training_run(params, tags, continue_run_id=checkpoint
+                               and checkpoint.get("mlflow_run_id")) as run_id:
+        if checkpoint_path is not None and resume is None:
+            save_checkpoint(checkpoint_path, {"epoch": 0, "fingerprint": fingerprint,
+                                              "mlflow_run_id": run_id})
         tracking.log_text(model_summary, "model/summary.txt")
         tracking.log_dict({"class_names": list(meta.class_names), "mean": list(meta.mean),
                            "std": list(meta.std), "sizes": meta.sizes}, "data/dataset_meta.json")

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from . import tracking
-from .config import Params
+from .config import Params, params_from_dict
 from .errors import ConfigError, PipelineError
 from .io import write_json, write_text
 from .model import build_model
@@ -109,7 +110,7 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
         # Judge a trial only after its one-cycle warm-up (a quarter of its epochs): while the
         # lr is still rising, a trial that will end well can look poor. Needs 3 finished trials.
         return optuna.pruners.MedianPruner(
-            n_startup_trials=3, n_warmup_steps=max(1, params.tune.epochs_per_trial // 4))
+            n_startup_trials=3, n_warmup_steps=math.ceil(params.tune.epochs_per_trial / 4))
     if params.tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=1,
                                               max_resource=params.tune.epochs_per_trial)
@@ -152,14 +153,15 @@ def open_study(params: Params, worker_id: int = 0, create: bool = True) -> optun
     return study
 
 
-def tuned_params(params: Params, values: Mapping[str, float]) -> Params:
-    """``params`` with the tuned keys (``train.lr``, ``model.dropout``) set from ``values``."""
-    train, model = params.train, params.model
-    if LR in values:
-        train = dataclasses.replace(train, lr=float(values[LR]))
-    if DROPOUT in values:
-        model = dataclasses.replace(model, dropout=float(values[DROPOUT]))
-    return dataclasses.replace(params, train=train, model=model)
+def tuned_params(params: Params, values: Mapping[str, float],
+                 source: str = "tuned params") -> Params:
+    """``params`` with the tuned keys (``train.lr``, ``model.dropout``) set from ``values``,
+    validated like params.yaml (a hand-edited best-params file cannot smuggle in dropout 1.2)."""
+    raw = params.to_dict()
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        raw[section][name] = value
+    return params_from_dict(raw, source=source)
 
 
 # --- trial bookkeeping -------------------------------------------------------------------------
@@ -168,6 +170,8 @@ def _retried_numbers(trials: list[FrozenTrial]) -> set[int]:
     """Failed trials that a later trial re-runs (heartbeat retry or interrupted-trial retry)."""
     numbers = set()
     for t in trials:
+        # A retry of a retry records the whole chain in retry_history, not only the original.
+        numbers.update(int(n) for n in t.system_attrs.get("retry_history", []))
         original = RetryHeartbeatStaleTrialCallback.retried_trial_number(t)
         if original is None:
             original = t.user_attrs.get("retry_of")
@@ -253,6 +257,13 @@ class Objective:
         self.val = to_device(val.images, val.labels, self.device)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        try:
+            return self._train(trial)
+        except (KeyboardInterrupt, SystemExit):
+            trial.set_user_attr("interrupted", True)  # the next run queues it again
+            raise
+
+    def _train(self, trial: optuna.Trial) -> float:
         tune = self.params.tune
         values = {LR: trial.suggest_float(LR, tune.lr_low, tune.lr_high, log=True),
                   DROPOUT: trial.suggest_float(DROPOUT, tune.dropout_low, tune.dropout_high)}
@@ -276,7 +287,6 @@ class Objective:
                 tracking.set_tags({"optuna.state": "FAIL", "optuna.reason": str(exc)})
                 raise
             except (KeyboardInterrupt, SystemExit):
-                trial.set_user_attr("interrupted", True)
                 tracking.set_tags({"optuna.state": "INTERRUPTED"})
                 raise
             else:
@@ -315,7 +325,9 @@ def run_study(params: Params, prepared_dir: Path, out_dir: Path | None = None,
         while True:
             recover(study)
             state = progress(study)
-            if target is not None and state.finished + state.running >= target:
+            # Only finished trials count: a RUNNING one may belong to a worker that died less
+            # than its grace period ago. Concurrent top-ups may overshoot by a trial each.
+            if target is not None and state.finished >= target:
                 break
             if target is None and ran >= n_trials:
                 break
@@ -378,8 +390,9 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path) -> dict[st
         state = progress(study)
         raise PipelineError(
             f"study {study.study_name} has no completed trial ({state.pruned} pruned, "
-            f"{state.failed} failed; see {out_dir / TRIALS_FILE} or `cifar-study show`). "
-            "Widen tune.lr_low/lr_high, lower tune.lr_high, or raise tune.epochs_per_trial")
+            f"{state.failed} failed; `cifar-study export trials.csv` lists them with their "
+            "fail_reason). Lower tune.lr_high if losses diverged, or raise tune.n_trials or "
+            "tune.epochs_per_trial")
     write_trials_csv(study, out_dir / TRIALS_FILE)
     plots = write_plots(study, out_dir / PLOTS_DIR)
     best = {"study_name": summary["study_name"], "best_trial": summary["best_trial"],
