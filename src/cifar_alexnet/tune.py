@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import os
+import random
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +49,7 @@ BEST_PARAMS_FILE, SUMMARY_FILE, TRIALS_FILE, PLOTS_DIR = (
     "best_params.yaml", "summary.json", "trials.csv", "plots")
 GRACE_HEARTBEATS = 3  # a RUNNING trial whose heartbeat is this many intervals old is dead
 MAX_RETRIES = 3
+STORAGE_ATTEMPTS = 4
 
 # Settings that change how fast a trial runs, not what it computes; workers on different
 # hardware (CPU, GPU) can share one study.
@@ -88,15 +91,24 @@ def make_storage(url: str, heartbeat_seconds: int) -> RDBStorage:
     if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    try:
-        return RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
-            grace_period=GRACE_HEARTBEATS * heartbeat_seconds,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(MAX_RETRIES))
-    except Exception as exc:  # SQLAlchemy/driver errors have no common base worth naming
-        raise PipelineError(f"cannot open the study storage {redact_url(url)}: {exc}. Check "
-                            f"tune.storage (or ${STORAGE_ENV}) and that the database server "
-                            "is reachable") from None
+    for attempt in range(1, STORAGE_ATTEMPTS + 1):
+        try:
+            return RDBStorage(
+                url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_seconds,
+                grace_period=GRACE_HEARTBEATS * heartbeat_seconds,
+                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(MAX_RETRIES))
+        except Exception as exc:  # SQLAlchemy/driver errors have no common base worth naming
+            # Workers started together on an empty database race to create Optuna's tables
+            # (PostgreSQL: duplicate key on CREATE TYPE); the loser finds them made on a retry.
+            if attempt < STORAGE_ATTEMPTS:
+                log.info("opening %s failed (%s); retrying", redact_url(url),
+                         type(exc).__name__)
+                time.sleep(attempt + random.random())
+                continue
+            raise PipelineError(f"cannot open the study storage {redact_url(url)}: {exc}. "
+                                f"Check tune.storage (or ${STORAGE_ENV}) and that the database "
+                                "server is reachable") from None
+    raise AssertionError("unreachable")
 
 
 def make_sampler(params: Params, seed: int) -> optuna.samplers.BaseSampler:
