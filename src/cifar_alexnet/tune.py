@@ -216,18 +216,20 @@ def progress(study: optuna.Study) -> Progress:
                     count[TrialState.RUNNING], count[TrialState.WAITING])
 
 
-def recover(study: optuna.Study) -> None:
+def recover(study: optuna.Study, handled: set[int]) -> None:
     """Fail trials of dead workers (stale heartbeat) and retry them; close their MLflow runs.
 
     Trials interrupted by Ctrl-C/SIGTERM are marked failed by Optuna itself; they are retried
-    here too, since nothing was wrong with their parameters.
+    here too, since nothing was wrong with their parameters. ``handled`` holds the numbers of
+    failed trials this process has already dealt with, so each costs MLflow calls only once.
     """
     optuna.storages.fail_stale_trials(study)  # its heartbeat callback enqueues the retry
     trials = study.get_trials(deepcopy=False)
     retried = _retried_numbers(trials)
     for t in trials:
-        if t.state != TrialState.FAIL or "fail_reason" in t.user_attrs:
-            continue  # not failed, or failed for a reason of its own (diverged)
+        if t.state != TrialState.FAIL or "fail_reason" in t.user_attrs or t.number in handled:
+            continue  # not failed, failed for its own reason (diverged), or already seen
+        handled.add(t.number)
         if t.user_attrs.get("interrupted") and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             log.info("trial %d was interrupted; queued again", t.number)
@@ -333,9 +335,9 @@ def run_study(params: Params, prepared_dir: Path, out_dir: Path | None = None,
     tags = tracking.lineage_tags("tune", params.data.md5)
     with tracking.study_run(params, name, tags):
         objective = Objective(params, prepared_dir, name, tracking.active_run_id())
-        ran = 0
+        ran, handled = 0, set()
         while True:
-            recover(study)
+            recover(study, handled)
             state = progress(study)
             # Only finished trials count: a RUNNING one may belong to a worker that died less
             # than its grace period ago. Concurrent top-ups may overshoot by a trial each.
