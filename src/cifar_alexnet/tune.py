@@ -376,6 +376,9 @@ def summarize(study: optuna.Study, params: Params) -> dict[str, Any]:
         "best_value": best.value if best else None,
         "best_trial": best.number if best else None,
         "best_params": dict(best.params) if best else {},
+        # How far the best trial leads the runner-up: a lead within the noise of the metric
+        # (a few validation images) means another run could pick the other trial.
+        "best_margin": best_margin(study),
         "trials_complete": state.complete,
         "trials_pruned": state.pruned,
         "trials_failed": state.failed,
@@ -386,6 +389,14 @@ def summarize(study: optuna.Study, params: Params) -> dict[str, Any]:
         "epochs_spent": epochs_spent,
         "epochs_without_pruning": len(counted) * params.tune.epochs_per_trial,
     }
+
+
+def best_margin(study: optuna.Study) -> float | None:
+    """|best - runner-up| over the COMPLETE trials; None with fewer than two."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    values = sorted((t.value for t in complete),
+                    reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
+    return abs(values[0] - values[1]) if len(values) >= 2 else None
 
 
 def _best_trial(study: optuna.Study) -> FrozenTrial | None:
