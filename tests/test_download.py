@@ -28,6 +28,28 @@ def test_verified_archive_is_not_downloaded_again(tmp_path, archive):
     assert md5sum(dest) == archive.md5
 
 
+@pytest.mark.parametrize("source", ["unreachable", "other archive"])
+def test_a_mistyped_md5_keeps_the_users_own_archive_and_names_its_md5(tmp_path, archive, source):
+    dest = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    dest.parent.mkdir()
+    dest.write_bytes(archive.path.read_bytes())  # the user's own copy, placed by hand
+    typo = archive.md5[:-1] + ("0" if archive.md5[-1] != "0" else "1")
+    url = (tmp_path / "missing.tar.gz").as_uri() if source == "unreachable" else archive.url
+    with pytest.raises(DataError) as info:
+        fetch(url, typo, dest)
+    assert f"set data.md5 to {archive.md5}" in str(info.value)
+    assert dest.read_bytes() == archive.path.read_bytes()
+    assert sorted(p.name for p in dest.parent.iterdir()) == [dest.name]  # no temp file either
+
+
+def test_an_archive_that_fails_its_md5_is_replaced_by_a_verified_download(tmp_path, archive):
+    dest = tmp_path / "raw" / "cifar-10-python.tar.gz"
+    dest.parent.mkdir()
+    dest.write_bytes(b"an older, damaged copy")
+    assert fetch(archive.url, archive.md5, dest) == dest
+    assert md5sum(dest) == archive.md5
+
+
 def test_md5_mismatch_says_expected_and_found_and_keeps_nothing(tmp_path, archive):
     dest = tmp_path / "raw" / "archive.tar.gz"
     wrong = "0" * 32
@@ -45,12 +67,15 @@ def test_corrupt_existing_file_is_replaced(tmp_path, archive):
     assert md5sum(dest) == archive.md5
 
 
-def test_corrupt_existing_file_is_removed_even_when_the_source_is_gone(tmp_path, archive):
+def test_corrupt_existing_file_stays_when_the_source_is_gone(tmp_path, archive):
+    # Kept, not deleted: it may be the user's archive with data.md5 mistyped. The stage fails,
+    # so nothing downstream uses it.
     dest = tmp_path / "archive.tar.gz"
     dest.write_bytes(archive.path.read_bytes()[:1000])
-    with pytest.raises(DataError, match="archive not found"):
+    with pytest.raises(DataError, match="archive not found") as info:
         fetch((tmp_path / "gone.tar.gz").as_uri(), archive.md5, dest)
-    assert not dest.exists()
+    assert f"set data.md5 to {md5sum(dest)}" in str(info.value)
+    assert dest.read_bytes() == archive.path.read_bytes()[:1000]
 
 
 def test_unreachable_server_explains_how_to_supply_the_archive(tmp_path):

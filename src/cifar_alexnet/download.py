@@ -122,16 +122,25 @@ def fetch(url: str, md5: str, dest: str | Path) -> Path:
     """
     dest = Path(dest)
     md5 = md5.lower()
-    shown = redact_url(url)
     if dest.is_file():
         found = md5sum(dest)
         if found == md5:
             log.info("%s already present with md5 %s; not downloading again", dest, md5)
             return dest
-        log.warning("%s has md5 %s, expected %s; removing it and downloading again",
-                    dest, found, md5)
-        dest.unlink()
+        # It may be the user's own archive and data.md5 the typo: it stays until a verified
+        # download replaces it (the rename below), and a failure says how to keep using it.
+        log.warning("%s has md5 %s, not data.md5 %s; downloading a replacement (the file stays "
+                    "until a verified one replaces it)", dest, found, md5)
+        try:
+            return _download(url, md5, dest)
+        except DataError as exc:
+            raise DataError(f"{exc}\n{dest} was kept (md5 {found}): if it is the archive you "
+                            f"mean to use, set data.md5 to {found}") from None
+    return _download(url, md5, dest)
 
+
+def _download(url: str, md5: str, dest: Path) -> Path:
+    shown = redact_url(url)
     source, size = _open_source(url)
     digest = hashlib.md5()
     with source, atomic_path(dest) as tmp, open(tmp, "wb") as out, tqdm(
