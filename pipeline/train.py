@@ -15,13 +15,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="model directory")
     parser.add_argument("--metrics", type=Path, required=True, help="train metrics JSON")
     parser.add_argument("--history", type=Path, required=True, help="per-epoch CSV for dvc plots")
+    parser.add_argument("--curves", type=Path, help="training curves PNG (viewable offline)")
     parser.add_argument("--checkpoint", type=Path,
                         help="per-epoch checkpoint: an interrupted training resumes from it")
     args = parser.parse_args()
     params = parse_params(args)
     train_stage(params, args.data, args.out, args.metrics, args.history,
                 best_params_path=args.best_params, keep=overridden_keys(args),
-                checkpoint_path=args.checkpoint)
+                checkpoint_path=args.checkpoint, curves_path=args.curves)
 
 
 if __name__ == "__main__":

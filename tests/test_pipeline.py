@@ -53,7 +53,8 @@ def test_repro_produces_every_output(repro):
                  "reports/confusion_matrix.png", "reports/classification_report.csv",
                  "reports/classification_report.txt", "reports/predictions.csv", "dvc.lock",
                  "tune/best_params.yaml", "tune/summary.json", "tune/trials.csv",
-                 "tune/plots/optimization_history.png"):
+                 "tune/study.json", "tune/plots/optimization_history.png",
+                 "metrics/training_curves.png"):
         assert (project / path).is_file(), path
     assert not (project / "checkpoints/train.pt").exists()  # finished: nothing to resume
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())

@@ -17,12 +17,13 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from cifar_alexnet.archive import read_archive
-from cifar_alexnet.config import params_from_dict
+from cifar_alexnet.config import flatten, params_from_dict
 from cifar_alexnet.errors import ConfigError, PipelineError
 from cifar_alexnet.prepare import prepare
 from cifar_alexnet.stages import apply_best_params
-from cifar_alexnet.tune import (BEST_PARAMS_FILE, DROPOUT, LR, SUMMARY_FILE, TRIALS_FILE,
-                                open_study, progress, run_study, study_name, write_disabled)
+from cifar_alexnet.tune import (BEST_PARAMS_FILE, DROPOUT, LR, STUDY_FILE, SUMMARY_FILE,
+                                TRIALS_FILE, open_study, progress, run_study, study_name,
+                                write_disabled)
 from conftest import subprocess_env, tiny_params, write_params
 
 
@@ -66,6 +67,13 @@ def test_study_searches_the_ranges_and_writes_best_params_that_train_uses(
     assert best["params"] == {"train": {"lr": study.best_params[LR]},
                               "model": {"dropout": study.best_params[DROPOUT]}}
     summary = yaml.safe_load((out / SUMMARY_FILE).read_text())
+    # A DVC metric: numbers only (strings make `dvc exp show` columns unreadably wide)...
+    assert not [k for k, v in flatten(summary).items() if isinstance(v, str)]
+    assert summary["best_margin"] > 0
+    # ...and the words beside it
+    study_info = yaml.safe_load((out / STUDY_FILE).read_text())
+    assert study_info["study_name"] == study.study_name
+    assert study_info["direction"] == "maximize" and study_info["storage"].startswith("sqlite")
     assert summary["trials_complete"] + summary["trials_pruned"] == 4
     assert summary["epochs_without_pruning"] == 4 * 3
     assert summary["epochs_spent"] == sum(t.user_attrs["epochs_run"] for t in study.trials)

@@ -25,7 +25,7 @@ from .errors import DataError
 from .evaluate import evaluate_logits, write_reports
 from .io import write_json, write_text
 from .model import Classifier, build_model, count_parameters, summary
-from .plots import history_figure
+from .plots import history_figure, save as save_figure
 from .prepare import load_meta, load_split
 from .train import (HISTORY_FIELDS, Accel, fit, load_checkpoint, predict, resolve_device, save_checkpoint,
                     seed_everything, to_device)
@@ -106,7 +106,8 @@ def resumable_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] 
 
 def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_path: Path,
                 history_path: Path, best_params_path: Path | None = None,
-                keep: Collection[str] = (), checkpoint_path: Path | None = None) -> dict[str, Any]:
+                keep: Collection[str] = (), checkpoint_path: Path | None = None,
+                curves_path: Path | None = None) -> dict[str, Any]:
     """Train on the train split, select on val, write the best model; return train metrics.
 
     With ``checkpoint_path``, every epoch is checkpointed there and an interrupted training of
@@ -167,6 +168,8 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
         write_json(metrics_path, metrics)
         tracking.log_metrics({"best_val_acc": result.best_val_acc,
                               "best_epoch": result.best_epoch})
+        if curves_path is not None:
+            save_figure(history_figure(result.history), curves_path)
         tracking.log_figure(history_figure(result.history), "curves/training_curves.png")
         tracking.log_text(history, "curves/train_history.csv")
         model_uri = tracking.log_model(model, val_split.images[:2])

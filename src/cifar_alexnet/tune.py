@@ -45,8 +45,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 # Optuna parameter names are the params.yaml keys they set.
 LR, DROPOUT = "train.lr", "model.dropout"
 STORAGE_ENV = "CIFAR_TUNE_STORAGE"
-BEST_PARAMS_FILE, SUMMARY_FILE, TRIALS_FILE, PLOTS_DIR = (
-    "best_params.yaml", "summary.json", "trials.csv", "plots")
+BEST_PARAMS_FILE, SUMMARY_FILE, STUDY_FILE, TRIALS_FILE, PLOTS_DIR = (
+    "best_params.yaml", "summary.json", "study.json", "trials.csv", "plots")
 GRACE_HEARTBEATS = 3  # a RUNNING trial whose heartbeat is this many intervals old is dead
 MAX_RETRIES = 3
 STORAGE_ATTEMPTS = 4
@@ -426,9 +426,9 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path) -> dict[st
     write_text(out_dir / BEST_PARAMS_FILE,
                "# Written by the tune stage; the train stage uses these over params.yaml.\n"
                + yaml.safe_dump(best, sort_keys=False))
-    write_json(out_dir / SUMMARY_FILE, summary)
+    write_summary(out_dir, summary)
     tracking.log_files([out_dir / BEST_PARAMS_FILE, out_dir / SUMMARY_FILE,
-                        out_dir / TRIALS_FILE], "tune")
+                        out_dir / STUDY_FILE, out_dir / TRIALS_FILE], "tune")
     tracking.log_files(plots, "tune/plots")
     return summary
 
@@ -441,10 +441,20 @@ def write_disabled(out_dir: Path) -> None:
                "# tune.n_trials is 0: tuning is off and training uses params.yaml alone.\n"
                + yaml.safe_dump({"study_name": None, "best_trial": None, "params": {}},
                                 sort_keys=False))
-    write_json(out_dir / SUMMARY_FILE, {"study_name": None, "trials_complete": 0,
-                                        "note": "tune.n_trials is 0; tuning skipped"})
+    write_summary(out_dir, {"study_name": None, "trials_complete": 0,
+                            "note": "tune.n_trials is 0; tuning skipped"})
     write_text(out_dir / TRIALS_FILE, "")
     (out_dir / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
+
+
+def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
+    """summary.json (a DVC metric) gets the numbers; study.json the words (name, storage,
+    metric, direction, notes): strings in a DVC metric become columns thousands of characters
+    wide in `dvc exp show`."""
+    numbers = {k: v for k, v in summary.items() if not isinstance(v, str) and k != "study_name"}
+    words = {k: v for k, v in summary.items() if isinstance(v, str) or k == "study_name"}
+    write_json(out_dir / SUMMARY_FILE, numbers)
+    write_json(out_dir / STUDY_FILE, words)
 
 
 def _nested(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:
