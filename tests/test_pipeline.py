@@ -112,7 +112,11 @@ def test_mlflow_run_holds_params_history_metrics_artifacts_and_tags(repro, clien
                             text=True).stdout.strip()
     assert tags["git.commit"] == commit and tags["git.dirty"] in ("true", "false")
     assert tags["data.md5"] == params["data"]["md5"]
-    assert tags["dvc.stage"] == "evaluate"  # last stage that wrote into the run
+    assert tags["dvc.stage"] == "train"  # the run is the training's...
+    assert tags["dvc.stages"] == "train,evaluate"  # ...and evaluation wrote into it too
+    # named after the commit and the time (after the DVC experiment in `dvc exp run`)
+    assert re.fullmatch(rf"train {commit[:7]}(\+dirty)? \d{{4}}-\d\d-\d\d \d\d:\d\d:\d\d",
+                        run.info.run_name), run.info.run_name
     artifacts = {a.path for a in client.list_artifacts(run_id)}
     assert {"evaluation", "curves", "model", "params", "data"} <= artifacts
     evaluation_files = {Path(a.path).name for a in client.list_artifacts(run_id, "evaluation")}

@@ -1,8 +1,9 @@
 """Everything that talks to MLflow. The only module that imports mlflow.
 
-Tracking store: ``MLFLOW_TRACKING_URI`` when set, else MLflow's default (``sqlite:///mlflow.db``
-with artifacts in ``./mlruns`` under the working directory, i.e. the repository root for
-``dvc repro``), so ``mlflow ui`` started from the root shows every run.
+Tracking store: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<root>/mlflow.db`` with
+artifacts in ``<root>/mlruns``, where ``<root>`` is the repository (also for `dvc exp run
+--temp`/`--queue`, which run in a temporary copy: see workspace.py), so ``mlflow ui`` started
+from the repository shows every run.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -24,10 +26,16 @@ from mlflow.models import infer_signature
 from .config import Params, flatten
 from .errors import PipelineError
 from .redact import redact_url
+from .workspace import dvc_experiment_tags, project_root
 
 log = logging.getLogger(__name__)
 
 MODEL_ARTIFACT = "model"
+DEFAULT_DB, DEFAULT_ARTIFACTS = "mlflow.db", "mlruns"
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def git_state(cwd: str | Path = ".") -> dict[str, str]:
@@ -43,8 +51,20 @@ def git_state(cwd: str | Path = ".") -> dict[str, str]:
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
+def run_label() -> str:
+    """The DVC experiment's name, else the short commit (+ "dirty") and the time: unique and
+    readable in `mlflow ui`."""
+    exp = dvc_experiment_tags().get("dvc.exp_name")
+    if exp:
+        return exp
+    state = git_state()
+    commit = state.get("git.commit", "")[:7] + ("+dirty" if state.get("git.dirty") == "true"
+                                                else "")
+    return " ".join(filter(None, [commit, time.strftime("%Y-%m-%d %H:%M:%S")]))
+
+
 def lineage_tags(stage: str, data_md5: str | None) -> dict[str, str]:
-    tags = {"dvc.stage": stage, **git_state()}
+    tags = {"dvc.stage": stage, **git_state(), **dvc_experiment_tags()}
     if data_md5:
         tags["data.md5"] = data_md5
     return tags
@@ -73,9 +93,30 @@ def _log_params(params: Params) -> None:
     mlflow.log_dict(tree, "params/effective_params.json")
 
 
+def use_default_store() -> bool:
+    """Without MLFLOW_TRACKING_URI, MLflow's default store, but in the repository root rather
+    than the working directory (a temporary experiment copy is deleted after the run).
+    True when that default store is the one in use."""
+    default = f"sqlite:///{project_root() / DEFAULT_DB}"
+    # set_tracking_uri also exports MLFLOW_TRACKING_URI (for child processes): ours is the default
+    configured = os.environ.get("MLFLOW_TRACKING_URI")
+    if not configured:
+        mlflow.set_tracking_uri(default)
+    return configured in (None, "", default)
+
+
 def _set_experiment(params: Params) -> None:
+    default_store = use_default_store()
     if not os.environ.get("MLFLOW_RUN_ID"):
-        mlflow.set_experiment(params.mlflow.experiment)
+        name = params.mlflow.experiment
+        if default_store and mlflow.get_experiment_by_name(name) is None:
+            # MLflow would put artifacts in ./mlruns of the working directory, i.e. inside a
+            # temporary experiment copy: name the repository's mlruns/ instead.
+            with contextlib.suppress(MlflowException):  # created meanwhile by another stage
+                mlflow.create_experiment(
+                    name, artifact_location=(project_root() / DEFAULT_ARTIFACTS
+                                             / _slug(name)).as_uri())
+        mlflow.set_experiment(name)
     # else: `mlflow run` created the run (in the experiment it was given) and start_run()
     # continues it; setting another experiment here would make MLflow refuse the run.
 
@@ -97,6 +138,7 @@ def _run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
 
 
 def run_exists(run_id: str) -> bool:
+    use_default_store()
     try:
         mlflow.get_run(run_id)
     except MlflowException:
@@ -116,7 +158,10 @@ def training_run(params: Params, tags: dict[str, str],
     if continue_run_id and run_exists(continue_run_id):
         start: dict[str, Any] = {"run_id": continue_run_id}
     else:
-        start = {"tags": {**tags, **({"resumes_run_id": continue_run_id}
+        # A name of our own: MLflow's random names are drawn after the RNGs are seeded, so
+        # every training would be called the same.
+        start = {"run_name": f"train {run_label()}",
+                 "tags": {**tags, **({"resumes_run_id": continue_run_id}
                                      if continue_run_id else {})}}
     with _run(**start) as run:
         mlflow.set_tags(tags)
@@ -129,6 +174,7 @@ def training_run(params: Params, tags: dict[str, str],
 @contextlib.contextmanager
 def resumed_run(run_id: str, tags: dict[str, str]) -> Iterator[str]:
     """Reopen the training stage's run so evaluation lands in the same run."""
+    use_default_store()
     try:
         mlflow.get_run(run_id)
     except MlflowException as exc:
@@ -137,7 +183,13 @@ def resumed_run(run_id: str, tags: dict[str, str]) -> Iterator[str]:
             f"{mlflow.get_tracking_uri()}: {exc.message}. Use the same MLFLOW_TRACKING_URI for "
             "train and evaluate, or rerun training (dvc repro --force train).") from None
     with _run(run_id=run_id) as run:
-        mlflow.set_tags(tags)
+        # The run stays the train stage's (dvc.stage); dvc.stages lists every stage that wrote
+        # to it.
+        stage = tags.pop("dvc.stage", None)
+        seen = [s for s in run.data.tags.get("dvc.stages", run.data.tags.get("dvc.stage", ""))
+                .split(",") if s]
+        mlflow.set_tags({**tags, "dvc.stages": ",".join(dict.fromkeys([*seen, stage or ""]))
+                         .strip(",")})
         yield run.info.run_id
 
 
@@ -176,6 +228,7 @@ def set_tags(tags: dict[str, Any]) -> None:
 
 def mark_killed(run_ids: Sequence[str]) -> list[str]:
     """Mark runs left RUNNING by a killed process as KILLED; return the ids changed."""
+    use_default_store()
     client = mlflow.MlflowClient()
     changed = []
     for run_id in run_ids:

@@ -36,6 +36,7 @@ from .plots import save as save_figure
 from .prepare import load_meta, load_split
 from .redact import redact_url
 from .train import TrainingDiverged, fit, resolve_device, seed_everything, to_device
+from .workspace import resolve_sqlite_url
 
 log = logging.getLogger(__name__)
 # Heartbeats, stale-trial retries and the matplotlib plots are documented Optuna features that
@@ -60,6 +61,13 @@ _RUN_KEYS = {"n_trials", "storage", "study_name", "heartbeat_seconds"}
 
 
 def storage_url(params: Params) -> str:
+    """$CIFAR_TUNE_STORAGE or tune.storage; a relative SQLite path is relative to the project
+    root, also when DVC runs the stage in a temporary experiment copy."""
+    return resolve_sqlite_url(configured_storage(params))
+
+
+def configured_storage(params: Params) -> str:
+    """The storage as the user gave it ($CIFAR_TUNE_STORAGE or tune.storage), unresolved."""
     return os.environ.get(STORAGE_ENV) or params.tune.storage
 
 
@@ -370,7 +378,7 @@ def summarize(study: optuna.Study, params: Params) -> dict[str, Any]:
     best = _best_trial(study)
     return {
         "study_name": study.study_name,
-        "storage": redact_url(storage_url(params)),
+        "storage": redact_url(configured_storage(params)),
         "metric": params.tune.metric,
         "direction": params.tune.direction,
         "best_value": best.value if best else None,
