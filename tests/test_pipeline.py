@@ -128,7 +128,11 @@ def test_mlflow_run_holds_params_history_metrics_artifacts_and_tags(repro, clien
     assert "net.features.0" in Path(summary).read_text()
 
 
-def test_logged_model_loads_and_predicts_like_the_dvc_model(repro, run_id, monkeypatch):
+def logged_model(project: Path) -> dict:
+    return json.loads((project / "reports/mlflow_model.json").read_text())
+
+
+def test_logged_model_is_the_evaluated_one_with_flip_tta(repro, run_id, monkeypatch):
     import mlflow
     import numpy as np
     import torch
@@ -138,21 +142,68 @@ def test_logged_model_loads_and_predicts_like_the_dvc_model(repro, run_id, monke
 
     project, _ = repro
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
-    model_uri = json.loads((project / "models/mlflow_run.json").read_text())["model_uri"]
-    logged = mlflow.pyfunc.load_model(model_uri)
+    info = logged_model(project)
+    assert info["run_id"] == run_id and info["flip_tta"] is True
+    logged = mlflow.pyfunc.load_model(info["model_uri"])
     images = load_split(project / "data/prepared", "test").images[:5]
     served = np.asarray(logged.predict(images))
     model, _ = load_trained_model(project / "models")
     with torch.no_grad():
-        expected = model.eval()(torch.from_numpy(images)).numpy()
+        batch = torch.from_numpy(images)
+        plain = model.eval()(batch).numpy()
+        expected = (plain + model(batch.flip(3)).numpy()) / 2
     assert served.shape == (5, 10)
     assert np.allclose(served, expected, atol=1e-4)
+    assert not np.allclose(served, plain, atol=1e-4)  # the mirror images do count
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, seconds: int, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert process.poll() is None, f"{what} exited early"
+        assert time.monotonic() < deadline, f"{what} did not answer {url} in {seconds} s"
+        time.sleep(0.5)
+
+
+def test_mlflow_models_serve_answers_exactly_the_evaluated_predictions(repro):
+    from cifar_alexnet.prepare import load_meta, load_split
+
+    project, _ = repro
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged_model(project)["model_uri"],
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=project, env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, 120, "mlflow models serve")
+        test = load_split(project / "data/prepared", "test")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": test.images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            logits = json.load(reply)["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    names = load_meta(project / "data/prepared").class_names
+    served = [names[max(range(len(row)), key=row.__getitem__)] for row in logits]
+    evaluated = pd.read_csv(project / "reports/predictions.csv")["predicted"].tolist()
+    assert len(served) == len(evaluated) == len(test.labels)
+    assert served == evaluated  # every test image: served = evaluated
 
 
 def test_mlflow_server_serves_the_run_over_rest(repro, run_id):
@@ -166,17 +217,7 @@ def test_mlflow_server_serves_the_run_over_rest(repro, run_id):
         start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            assert server.poll() is None, "mlflow server exited early"
-            assert time.monotonic() < deadline, "mlflow server did not answer /health in 90 s"
-            time.sleep(0.5)
+        wait_for_http(f"{base}/health", server, 90, "mlflow server")
         with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}") as reply:
             run = json.load(reply)["run"]
         params = {p["key"]: p["value"] for p in run["data"]["params"]}

@@ -177,6 +177,18 @@ class Classifier(nn.Module):
         return self.net(self.adapter(images))
 
 
+class FlipTTA(nn.Module):
+    """The classifier as evaluated and served with ``evaluate.flip_tta``: the mean of the logits
+    of each image and of its mirror image (raw images in, logits out, like the classifier)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, classes)
+        return (self.model(images).float() + self.model(images.flip(3)).float()) / 2
+
+
 def build_model(config: ModelConfig, mean: Sequence[float] = (0.5, 0.5, 0.5),
                 std: Sequence[float] = (0.25, 0.25, 0.25)) -> Classifier:
     return Classifier(config, mean, std)

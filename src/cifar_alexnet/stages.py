@@ -24,7 +24,7 @@ from .config import ModelConfig, Params
 from .errors import DataError
 from .evaluate import evaluate_logits, write_reports
 from .io import write_json, write_text
-from .model import Classifier, build_model, count_parameters, summary
+from .model import Classifier, FlipTTA, build_model, count_parameters, summary
 from .plots import history_figure, save as save_figure
 from .prepare import load_meta, load_split
 from .train import (HISTORY_FIELDS, Accel, fit, load_checkpoint, predict, resolve_device, save_checkpoint,
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 RUN_FILE = "mlflow_run.json"
+MODEL_URI_FILE = "mlflow_model.json"  # in reports/: the logged (evaluated) MLflow model
 
 
 def history_csv(history: list[dict[str, float]]) -> str:
@@ -172,8 +173,8 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
             save_figure(history_figure(result.history), curves_path)
         tracking.log_figure(history_figure(result.history), "curves/training_curves.png")
         tracking.log_text(history, "curves/train_history.csv")
-        model_uri = tracking.log_model(model, val_split.images[:2])
-        write_json(model_dir / RUN_FILE, {"run_id": run_id, "model_uri": model_uri,
+        # The MLflow model is logged by the evaluate stage: what it evaluated (with TTA).
+        write_json(model_dir / RUN_FILE, {"run_id": run_id,
                                           "experiment": params.mlflow.experiment})
     if checkpoint_path is not None:
         checkpoint_path.unlink(missing_ok=True)  # done: nothing left to resume
@@ -201,14 +202,21 @@ def evaluate_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_
     # Reopen the run first: if it cannot be found, nothing has been written yet.
     with tracking.resumed_run(payload["mlflow_run_id"],
                               tracking.lineage_tags("evaluate", params.data.md5)):
-        model.to(device)
+        # One module is evaluated, logged and served: the classifier, with flip TTA inside
+        # when evaluate.flip_tta is on, so `mlflow models serve` answers what was scored here.
+        evaluated = FlipTTA(model) if params.evaluate.flip_tta else model
+        evaluated.to(device)
         images, labels = to_device(test.images, test.labels, device)
-        logits = predict(model, images, params.evaluate.batch_size,
-                         Accel.for_config(params.train, device), params.evaluate.flip_tta)
+        logits = predict(evaluated, images, params.evaluate.batch_size,
+                         Accel.for_config(params.train, device))
         evaluation = evaluate_logits(logits, labels, meta.class_names)
         files = write_reports(evaluation, test.labels, meta.class_names, reports_dir)
         write_json(metrics_path, evaluation.metrics)
         log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
         tracking.log_metrics(evaluation.metrics, prefix="test/")
         tracking.log_files(files + [metrics_path], "evaluation")
+        model_uri = tracking.log_model(evaluated, test.images[:2])
+        write_json(reports_dir / MODEL_URI_FILE, {"run_id": payload["mlflow_run_id"],
+                                                  "model_uri": model_uri,
+                                                  "flip_tta": params.evaluate.flip_tta})
     return evaluation.metrics

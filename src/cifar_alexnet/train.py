@@ -24,6 +24,7 @@ from tqdm import tqdm
 from .config import TrainConfig
 from .errors import PipelineError
 from .io import atomic_path
+from .model import FlipTTA
 from .transforms import random_crop_flip
 
 log = logging.getLogger(__name__)
@@ -99,9 +100,11 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int,
             accel: Accel | None = None, flip_tta: bool = False) -> torch.Tensor:
     """Float32 logits (N, classes) for images on the model's device, in eval mode.
 
-    ``flip_tta`` averages the logits of each image and its mirror image.
+    ``flip_tta`` averages the logits of each image and its mirror image (:class:`FlipTTA`).
     """
     accel = accel or Accel(images.device)
+    if flip_tta:
+        model = FlipTTA(model)
     was_training = model.training
     model.eval()
     try:
@@ -109,10 +112,7 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int,
         for i in range(0, len(images), batch_size):
             batch = accel.layout(images[i:i + batch_size])
             with accel.autocast():
-                logits = model(batch).float()
-                if flip_tta:
-                    logits = (logits + model(batch.flip(3)).float()) / 2
-            outputs.append(logits)
+                outputs.append(model(batch).float())
         return torch.cat(outputs)
     finally:
         model.train(was_training)
