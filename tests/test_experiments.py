@@ -4,15 +4,18 @@ MLflow runs and trials must land in the repository's own stores, not in the dele
 from __future__ import annotations
 
 import json
+import re
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import optuna
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import dvc, make_project, tiny_params
+from conftest import dvc, make_project, run, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -73,3 +76,24 @@ def test_queued_and_temporary_experiments_log_to_the_repositorys_stores(archive,
     storage = f"sqlite:///{project / 'tune/optuna.db'}"
     (study,) = optuna.get_all_study_summaries(storage)
     assert study.n_trials == 2
+
+
+def test_mlflow_run_main_nests_the_study_and_the_training_under_one_parent(archive, tmp_path):
+    project = make_project(tmp_path / "project", tiny_params(archive))
+    result = run([sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local"],
+                 cwd=project, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    parent_id = re.search(r"Run \(ID '(\w+)'\) succeeded", result.stderr).group(1)
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    names = sorted(r.info.run_name.split()[0] for r in children)
+    assert names == ["study", "train"], names
+    training = next(r for r in children if r.info.run_name.startswith("train"))
+    best = yaml.safe_load((project / "tune/best_params.yaml").read_text())
+    # each value once, in its own run: the tuned dropout in the training, not params.yaml's
+    assert float(training.data.params["model.dropout"]) == best["params"]["model"]["dropout"]
+    assert "test/accuracy" in training.data.metrics
+    assert json.loads(dvc("status", "--json", cwd=project).stdout) == {}

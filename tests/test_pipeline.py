@@ -322,8 +322,9 @@ def test_mlflow_project_entry_point_trains_with_overrides_in_its_own_run(repro, 
                  cwd=project, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
-    assert f"Run (ID '{run_id}') succeeded" in result.stderr  # the run `mlflow run` created
+    parent_id = re.search(r"Run \(ID '(\w+)'\) succeeded", result.stderr).group(1)
     logged = client.get_run(run_id)
+    assert logged.data.tags["mlflow.parentRunId"] == parent_id  # nested under `mlflow run`'s
     assert logged.data.params["train.epochs"] == "1"
     assert logged.data.params["model.dropout"] == "0.2"
     assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1]
@@ -347,9 +348,11 @@ def test_mlflow_project_tune_entry_point_tops_the_study_up_under_its_run(repro, 
     assert result.returncode == 0, result.stdout + result.stderr
     parent_id = re.search(r"Run \(ID '(\w+)'\) succeeded", result.stderr).group(1)
     parent = client.get_run(parent_id)
-    assert parent.data.params["tune.n_trials"] == "3"
-    children = client.search_runs([parent.info.experiment_id],
+    (study,) = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert study.data.params["tune.n_trials"] == "3"  # the study run, under `mlflow run`'s
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{study.info.run_id}'")
     assert len(children) == 1  # the study had 2 finished trials; one more tops it up to 3
     summary = json.loads((project / "tune/summary.json").read_text())
     assert summary["trials_complete"] + summary["trials_pruned"] == 3

@@ -105,9 +105,26 @@ def use_default_store() -> bool:
     return configured in (None, "", default)
 
 
+_invocation: list[str] = []  # the run `mlflow run` made for this process, once taken
+
+
+def invocation_run() -> str | None:
+    """The run `mlflow run` created for this command (it hands it over as MLFLOW_RUN_ID).
+
+    Each stage's runs are nested under it, one parent per invocation, instead of written into
+    it: with the `main` entry point (`dvc repro`) the tune and train stages would otherwise log
+    different values of the same params into one run, which MLflow refuses."""
+    if not _invocation and os.environ.get("MLFLOW_RUN_ID"):
+        _invocation.append(os.environ.pop("MLFLOW_RUN_ID"))  # start_run() would resume it
+    return _invocation[0] if _invocation else None
+
+
 def _set_experiment(params: Params) -> None:
     default_store = use_default_store()
-    if not os.environ.get("MLFLOW_RUN_ID"):
+    parent = invocation_run()
+    if parent:  # the experiment `mlflow run` was given
+        mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
+    else:
         name = params.mlflow.experiment
         if default_store and mlflow.get_experiment_by_name(name) is None:
             # MLflow would put artifacts in ./mlruns of the working directory, i.e. inside a
@@ -117,14 +134,16 @@ def _set_experiment(params: Params) -> None:
                     name, artifact_location=(project_root() / DEFAULT_ARTIFACTS
                                              / _slug(name)).as_uri())
         mlflow.set_experiment(name)
-    # else: `mlflow run` created the run (in the experiment it was given) and start_run()
-    # continues it; setting another experiment here would make MLflow refuse the run.
 
 
 @contextlib.contextmanager
 def _run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
     """``mlflow.start_run`` whose end status says how it ended: FINISHED, FAILED (an error) or
-    KILLED (Ctrl-C or SIGTERM, which the stage scripts turn into KeyboardInterrupt)."""
+    KILLED (Ctrl-C or SIGTERM, which the stage scripts turn into KeyboardInterrupt). A new
+    top-level run is nested under the `mlflow run` invocation's run, if there is one."""
+    parent = invocation_run()
+    if parent and "run_id" not in start_kwargs and not start_kwargs.get("nested"):
+        start_kwargs["tags"] = {**start_kwargs.get("tags", {}), "mlflow.parentRunId": parent}
     run = mlflow.start_run(**start_kwargs)
     try:
         yield run
