@@ -205,10 +205,9 @@ def resumed_run(run_id: str, tags: dict[str, str]) -> Iterator[str]:
         # The run stays the train stage's (dvc.stage); dvc.stages lists every stage that wrote
         # to it.
         stage = tags.pop("dvc.stage", None)
-        seen = [s for s in run.data.tags.get("dvc.stages", run.data.tags.get("dvc.stage", ""))
-                .split(",") if s]
-        mlflow.set_tags({**tags, "dvc.stages": ",".join(dict.fromkeys([*seen, stage or ""]))
-                         .strip(",")})
+        seen = run.data.tags.get("dvc.stages", run.data.tags.get("dvc.stage", "")).split(",")
+        stages = dict.fromkeys(s for s in [*seen, stage] if s)  # ordered, no repeats
+        mlflow.set_tags({**tags, "dvc.stages": ",".join(stages)})
         yield run.info.run_id
 
 

@@ -24,11 +24,6 @@ def project_root(start: str | Path | None = None) -> Path:
     return here
 
 
-def in_experiment_copy(start: str | Path | None = None) -> bool:
-    here = Path(start or os.getcwd()).resolve()
-    return project_root(here) != here
-
-
 def resolve_sqlite_url(url: str, root: Path | None = None) -> str:
     """``sqlite:///relative/path`` made absolute against the project root; other URLs as given."""
     prefix = "sqlite:///"
