@@ -169,9 +169,10 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
         write_json(metrics_path, metrics)
         tracking.log_metrics({"best_val_acc": result.best_val_acc,
                               "best_epoch": result.best_epoch})
+        curves = history_figure(result.history)
+        tracking.log_figure(curves, "curves/training_curves.png")
         if curves_path is not None:
-            save_figure(history_figure(result.history), curves_path)
-        tracking.log_figure(history_figure(result.history), "curves/training_curves.png")
+            save_figure(curves, curves_path)  # also closes the figure
         tracking.log_text(history, "curves/train_history.csv")
         # The MLflow model is logged by the evaluate stage: what it evaluated (with TTA).
         write_json(model_dir / RUN_FILE, {"run_id": run_id,
