@@ -1,9 +1,10 @@
-"""Stage download: fetch the CIFAR-10 archive named by data.url and verify it against data.md5."""
+"""Stage download: fetch the CIFAR-10 archive named by data.url (or $CIFAR_DATA_URL) and verify it
+against data.md5."""
 
 from pathlib import Path
 
 from cifar_alexnet.cli import parse_params, run_stage, stage_parser
-from cifar_alexnet.download import fetch
+from cifar_alexnet.download import fetch, source_url
 
 
 def main() -> None:
@@ -11,7 +12,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="where the archive is kept")
     args = parser.parse_args()
     params = parse_params(args)
-    fetch(params.data.url, params.data.md5, args.out)
+    fetch(source_url(params.data.url), params.data.md5, args.out)
 
 
 if __name__ == "__main__":

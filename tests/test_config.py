@@ -88,3 +88,34 @@ def test_stage_with_invalid_params_exits_nonzero_and_writes_nothing(tmp_path, ar
     assert "train.lr = -1 is invalid" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("url", ["https://alice:s3cret@mirror.example.com/cifar.tar.gz",
+                                 "https://s3cret@mirror.example.com/cifar.tar.gz",
+                                 "https://bucket.example.com/cifar.tar.gz?X-Amz-Signature=s3cret"])
+def test_a_data_url_with_a_credential_is_refused_saying_where_credentials_go(url):
+    """DVC writes params into dvc.lock verbatim: a password there would be committed."""
+    raw = default_params()
+    raw["data"]["url"] = url
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw, "params.yaml")
+    message = str(info.value)
+    assert "s3cret" not in message and "***" in message
+    assert "CIFAR_DATA_PASSWORD" in message and "netrc" in message and "CIFAR_DATA_URL" in message
+
+
+def test_public_params_mask_every_url_like_value():
+    raw = default_params()
+    raw["tune"]["storage"] = "postgresql+psycopg://optuna:s3cret@db:5432/optuna"
+    public = params_from_dict(raw).to_public_dict()
+    assert public["tune"]["storage"] == "postgresql+psycopg://optuna:***@db:5432/optuna"
+    assert public["data"] == params_from_dict(raw).to_dict()["data"]  # nothing else changes
+    assert "s3cret" not in repr(public)
+
+
+def test_an_invalid_value_is_shown_masked():
+    raw = default_params()
+    raw["tune"]["storage"] = "postgresql://optuna:s3cret@db/optuna with spaces"
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw, "params.yaml")
+    assert "s3cret" not in str(info.value) and "optuna:***@db" in str(info.value)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cifar_alexnet.download import fetch, md5sum
+from cifar_alexnet.download import fetch, md5sum, source_url
 from cifar_alexnet.errors import DataError
 from cifar_alexnet.io import OutputError
 from cifar_alexnet.redact import redact_url
@@ -231,3 +231,67 @@ def test_destination_that_is_a_directory_is_reported(tmp_path, archive):
 ])
 def test_redact_url(url, shown):
     assert redact_url(url) == shown
+
+
+def basic(token: bytes) -> str:
+    return "Basic " + base64.b64encode(token).decode()
+
+
+def test_credentials_come_from_the_environment_not_the_url(tmp_path, archive, server,
+                                                           monkeypatch, caplog):
+    server.body = archive.path.read_bytes()
+    monkeypatch.setenv("CIFAR_DATA_USER", "alice")
+    monkeypatch.setenv("CIFAR_DATA_PASSWORD", "s3cret")
+    with caplog.at_level(logging.DEBUG):
+        fetch(server.url + "/cifar.tar.gz", archive.md5, tmp_path / "archive.tar.gz")
+    assert server.auth_headers == [basic(b"alice:s3cret")]
+    assert "s3cret" not in caplog.text
+
+
+def test_credentials_come_from_netrc(tmp_path, archive, server, monkeypatch):
+    server.body = archive.path.read_bytes()
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".netrc").write_text("machine 127.0.0.1 login bob password hunter2\n")
+    (home / ".netrc").chmod(0o600)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv("CIFAR_DATA_USER", raising=False)
+    monkeypatch.delenv("CIFAR_DATA_PASSWORD", raising=False)
+    fetch(server.url + "/cifar.tar.gz", archive.md5, tmp_path / "archive.tar.gz")
+    assert server.auth_headers == [basic(b"bob:hunter2")]
+
+
+def test_a_secret_url_is_taken_from_the_environment(monkeypatch):
+    assert source_url("https://example.com/c.tar.gz") == "https://example.com/c.tar.gz"
+    monkeypatch.setenv("CIFAR_DATA_URL", "https://example.com/c.tar.gz?sig=s3cret")
+    assert source_url("https://example.com/c.tar.gz") == \
+        "https://example.com/c.tar.gz?sig=s3cret"
+
+
+@pytest.mark.slow
+def test_a_download_password_reaches_no_file_the_pipeline_writes(tmp_path, archive, server):
+    """dvc.lock, mlflow.db, mlruns/, the DVC cache, every output: none holds the password."""
+    import sys
+
+    from conftest import make_project, run, tiny_params
+
+    server.body = archive.path.read_bytes()
+    secret = "s3cret-e2e-7f3a"
+    raw = tiny_params(archive, train={"epochs": 1}, tune={"n_trials": 0})
+    raw["data"]["url"] = server.url + "/cifar-10-python.tar.gz"
+    project = make_project(tmp_path / "project", raw)
+    refused = run([sys.executable, "pipeline/download.py", "--out", "data/raw/x.tar.gz", "--set",
+                   f"data.url={server.url.replace('//', f'//alice:{secret}@')}/c.tar.gz"],
+                  cwd=project)
+    assert refused.returncode == 1 and "CIFAR_DATA_PASSWORD" in refused.stderr
+    assert secret not in refused.stderr + refused.stdout
+    result = run([sys.executable, "-m", "dvc", "repro"], cwd=project,
+                 CIFAR_DATA_USER="alice", CIFAR_DATA_PASSWORD=secret)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert server.auth_headers == [basic(f"alice:{secret}".encode())]
+    assert secret not in result.stdout + result.stderr
+    written = [p for p in project.rglob("*") if p.is_file() and ".git" not in p.parts]
+    assert {"dvc.lock", "mlflow.db"} <= {p.name for p in written}
+    assert any("mlruns" in p.parts for p in written) and any(".dvc" in p.parts for p in written)
+    leaks = [p for p in written if secret.encode() in p.read_bytes()]
+    assert leaks == []

@@ -233,12 +233,24 @@ def test_download_md5_mismatch_keeps_nothing(project, archive):
     assert os.listdir(project / "data" / "raw") == []
 
 
-def test_download_never_prints_the_password_in_data_url(project, archive):
+def test_download_refuses_a_password_in_data_url_without_printing_it(project, archive):
     params = tiny_params(archive)
     params["data"]["url"] = "https://mirror:hunter2@127.0.0.1:9/cifar-10-python.tar.gz"
     write_params(project / "params.yaml", params)
     result = run_stage("download", "--params", "params.yaml", "--out", "data/raw/a.tar.gz",
                        cwd=project)
+    assert error_line(result).startswith(
+        "error: params.yaml: data.url = 'https://mirror:***@127.0.0.1:9/cifar-10-python.tar.gz'"
+        " carries a credential")
+    assert "hunter2" not in result.stderr + result.stdout
+    assert not (project / "data" / "raw").exists()
+
+
+def test_download_never_prints_the_password_of_a_secret_url(project, archive):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "pipeline/download.py"), "--out", "data/raw/a.tar.gz"],
+        cwd=project, capture_output=True, text=True, timeout=120, env=subprocess_env(
+            CIFAR_DATA_URL="https://mirror:hunter2@127.0.0.1:9/cifar-10-python.tar.gz"))
     assert error_line(result).startswith(
         "error: cannot download https://mirror:***@127.0.0.1:9/cifar-10-python.tar.gz: ")
     assert "hunter2" not in result.stderr + result.stdout

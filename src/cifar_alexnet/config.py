@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import ConfigError
+from .redact import redact_url
 
 ARCHS = ("alexnet", "alexnet_small", "alexnet_paper")
 DEVICES = ("auto", "cpu", "cuda")
@@ -24,6 +25,9 @@ NORMS = ("batch", "lrn", "none")
 PRECISIONS = ("auto", "bf16", "fp32")
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
+# Where the download's credentials go (never in params: see DataConfig).
+DATA_URL_ENV, DATA_USER_ENV, DATA_PASSWORD_ENV = (
+    "CIFAR_DATA_URL", "CIFAR_DATA_USER", "CIFAR_DATA_PASSWORD")
 TUNE_METRICS = {"val_acc": "maximize", "val_loss": "minimize"}  # metric -> its direction
 
 
@@ -50,6 +54,16 @@ class DataConfig:
     url: str = _pattern(r".+", "a URL (https://, file://) or a local path")
     md5: str = _pattern(r"[0-9a-fA-F]{32}", "32 hexadecimal digits")
     val_size: float = _range(0.0, 1.0, low_open=True, high_open=True)
+
+    def __post_init__(self) -> None:
+        shown = redact_url(self.url)
+        if shown != self.url:
+            raise ConfigError(
+                f"data.url = {shown!r} carries a credential (masked here). Params are written "
+                "verbatim into dvc.lock, which you commit, and logged to MLflow, so credentials "
+                f"do not go there: remove it from data.url and set ${DATA_USER_ENV} and "
+                f"${DATA_PASSWORD_ENV} (HTTP basic auth), or add the host to ~/.netrc, or put "
+                f"the whole URL (e.g. a presigned link) in ${DATA_URL_ENV}")
 
 
 @dataclass(frozen=True)
@@ -136,6 +150,13 @@ class Params:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def to_public_dict(self) -> dict[str, Any]:
+        """The params as they may be shown, logged or saved: every URL-like value masked (the
+        tuning storage may hold a database password; data.url cannot hold one)."""
+        return {section: {k: redact_url(v) if isinstance(v, str) else v
+                          for k, v in values.items()}
+                for section, values in self.to_dict().items()}
+
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     flat: dict[str, Any] = {}
@@ -152,7 +173,7 @@ def _check_value(section: str, f: dataclasses.Field, expected: type, value: Any,
                  source: str) -> Any:
     key = f"{section}.{f.name}"
 
-    given = value
+    given = redact_url(value) if isinstance(value, str) else value  # no password in a message
 
     def fail(reason: str) -> ConfigError:
         return ConfigError(f"{source}: {key} = {given!r} is invalid: {reason}")

@@ -6,6 +6,8 @@ import base64
 import hashlib
 import http.client
 import logging
+import netrc
+import os
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -14,6 +16,7 @@ from typing import BinaryIO, Iterator
 
 from tqdm import tqdm
 
+from .config import DATA_PASSWORD_ENV, DATA_URL_ENV, DATA_USER_ENV
 from .errors import DataError
 from .io import atomic_path
 from .redact import redact_url
@@ -38,21 +41,47 @@ def _is_local(scheme: str, url: str) -> bool:
     return scheme in ("", "file") or (len(scheme) == 1 and url[1:3] in (":\\", ":/"))  # C:\
 
 
+def source_url(configured: str) -> str:
+    """Where to download from: ``$CIFAR_DATA_URL`` when set (a URL that holds a secret, e.g. a
+    presigned link, which must not be a param), else data.url."""
+    return os.environ.get(DATA_URL_ENV) or configured
+
+
+def _stored_credentials(host: str | None) -> tuple[str, str] | None:
+    """``$CIFAR_DATA_USER``/``$CIFAR_DATA_PASSWORD``, else the host's ``~/.netrc`` entry."""
+    user, password = os.environ.get(DATA_USER_ENV), os.environ.get(DATA_PASSWORD_ENV)
+    if user or password:
+        return user or "", password or ""
+    try:
+        entry = netrc.netrc().authenticators(host or "")
+    except (OSError, netrc.NetrcParseError):  # no ~/.netrc, or one we cannot use
+        return None
+    return (entry[0] or "", entry[2] or "") if entry else None
+
+
 def _request(url: str) -> urllib.request.Request:
-    """A request for ``url`` with any ``user:password@`` moved into a Basic auth header.
+    """A request for ``url`` with HTTP Basic auth from the URL's ``user:password@`` (given by
+    ``$CIFAR_DATA_URL``), else from the environment or ``~/.netrc``.
 
     urllib would otherwise take ``user:password@host`` for the host name (and print it in the
-    resulting error); mirrors behind a login are given this way, as curl and wget accept it.
+    resulting error). The header is not forwarded on redirects.
     """
     parts = urllib.parse.urlsplit(url)
-    if "@" not in parts.netloc or parts.scheme.lower() not in ("http", "https"):  # ftp reads it
+    if parts.scheme.lower() not in ("http", "https"):  # ftp reads user:password@ itself
         return urllib.request.Request(url)
-    userinfo, _, host = parts.netloc.rpartition("@")
-    request = urllib.request.Request(urllib.parse.urlunsplit(parts._replace(netloc=host)))
-    user, _, password = userinfo.partition(":")
-    token = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
-    request.add_unredirected_header("Authorization",
-                                    "Basic " + base64.b64encode(token.encode()).decode())
+    if "@" in parts.netloc:
+        userinfo, _, host = parts.netloc.rpartition("@")
+        user, _, password = userinfo.partition(":")
+        credentials: tuple[str, str] | None = (urllib.parse.unquote(user),
+                                               urllib.parse.unquote(password))
+        url = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    else:
+        credentials = _stored_credentials(parts.hostname)
+    request = urllib.request.Request(url)
+    if credentials:
+        token = ":".join(credentials)
+        request.add_unredirected_header("Authorization",
+                                        "Basic " + base64.b64encode(token.encode()).decode())
     return request
 
 
