@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,3 +117,23 @@ def dvc(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProces
 
 def stage_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run([sys.executable, str(ROOT / "pipeline" / f"{name}.py"), *args], cwd=cwd)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, seconds: int, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert process.poll() is None, f"{what} exited early"
+        assert time.monotonic() < deadline, f"{what} did not answer {url} in {seconds} s"
+        time.sleep(0.5)

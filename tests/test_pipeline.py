@@ -7,10 +7,8 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_alexnet.synthetic import archive_members, write_tar_gz
 
-from conftest import dvc, make_project, run, subprocess_env, tiny_params
+from conftest import dvc, free_port, make_project, subprocess_env, tiny_params, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -157,55 +155,6 @@ def test_logged_model_is_the_evaluated_one_with_flip_tta(repro, run_id, monkeypa
     assert not np.allclose(served, plain, atol=1e-4)  # the mirror images do count
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, seconds: int, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        assert process.poll() is None, f"{what} exited early"
-        assert time.monotonic() < deadline, f"{what} did not answer {url} in {seconds} s"
-        time.sleep(0.5)
-
-
-def test_mlflow_models_serve_answers_exactly_the_evaluated_predictions(repro):
-    from cifar_alexnet.prepare import load_meta, load_split
-
-    project, _ = repro
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", logged_model(project)["model_uri"],
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=project, env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}"),
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/ping", server, 120, "mlflow models serve")
-        test = load_split(project / "data/prepared", "test")
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": test.images.tolist()}).encode(),
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as reply:
-            logits = json.load(reply)["predictions"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-    names = load_meta(project / "data/prepared").class_names
-    served = [names[max(range(len(row)), key=row.__getitem__)] for row in logits]
-    evaluated = pd.read_csv(project / "reports/predictions.csv")["predicted"].tolist()
-    assert len(served) == len(evaluated) == len(test.labels)
-    assert served == evaluated  # every test image: served = evaluated
-
-
 def test_mlflow_server_serves_the_run_over_rest(repro, run_id):
     project, _ = repro
     port = free_port()
@@ -243,31 +192,6 @@ def test_dvc_push_and_pull_restore_outputs(repro, tmp_path):
     assert pulled.returncode == 0, pulled.stderr
     assert (project / "models/model.pt").read_bytes() == model
     assert (project / "data/prepared/train.npz").is_file()
-
-
-def test_dvc_exp_run_with_a_param_change_is_tracked_by_dvc_and_mlflow(repro, client):
-    project, _ = repro
-    # Trials do not depend on train.epochs: the study is reused, training reruns.
-    result = dvc("exp", "run", "-S", "train.epochs=1", cwd=project)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Running stage 'train'" in result.stdout
-    assert "Running stage 'tune'" not in result.stdout
-    # tune.n_trials=0 switches tuning off, so training takes train.lr from params.yaml.
-    result = dvc("exp", "run", "-S", "train.epochs=2", "-S", "train.lr=0.001",
-                 "-S", "tune.n_trials=0", cwd=project)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Running stage 'tune'" in result.stdout
-    assert "Running stage 'train'" in result.stdout
-    assert "Running stage 'prepare'" not in result.stdout  # unchanged upstream is reused
-    shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
-    experiments = [exp for commit in shown for exp in (commit.get("experiments") or [])]
-    params = [exp["revs"][0]["data"]["params"]["params.yaml"]["data"]["train"]
-              for exp in experiments]
-    assert {"epochs": 2, "lr": 0.001} in [{k: p[k] for k in ("epochs", "lr")} for p in params]
-    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
-    assert client.get_run(run_id).data.params["train.lr"] == "0.001"
-    assert "params.yaml" in client.get_run(run_id).data.tags["tune.applied"]
-    assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1, 2]
 
 
 # --- rejections through the real pipeline: clear error, non-zero exit, nothing downstream ---
@@ -313,46 +237,3 @@ def test_bad_archive_with_matching_md5_stops_prepare(archive, tmp_path, kind):
     assert "Traceback" not in result.stderr
     assert not marker.exists()
     assert_nothing_downstream(project)
-
-
-def test_mlflow_project_entry_point_trains_with_overrides_in_its_own_run(repro, client):
-    project, _ = repro
-    result = run([sys.executable, "-m", "mlflow", "run", ".", "-e", "train", "--env-manager",
-                  "local", "-P", "overrides=train.epochs=1,model.dropout=0.2"],
-                 cwd=project, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    run_id = json.loads((project / "models/mlflow_run.json").read_text())["run_id"]
-    parent_id = re.search(r"Run \(ID '(\w+)'\) succeeded", result.stderr).group(1)
-    logged = client.get_run(run_id)
-    assert logged.data.tags["mlflow.parentRunId"] == parent_id  # nested under `mlflow run`'s
-    assert logged.data.params["train.epochs"] == "1"
-    assert logged.data.params["model.dropout"] == "0.2"
-    assert [m.step for m in client.get_metric_history(run_id, "val/acc")] == [1]
-
-
-def test_evaluate_against_a_store_without_the_training_run_fails_clearly(repro, tmp_path):
-    project, _ = repro
-    other_store = f"sqlite:///{tmp_path / 'other.db'}"
-    result = run([sys.executable, "pipeline/stage.py", "evaluate", "--metrics",
-                  str(tmp_path / "evaluate.json")], cwd=project, MLFLOW_TRACKING_URI=other_store)
-    assert result.returncode == 1
-    assert "is not in the tracking store" in result.stderr
-    assert "Traceback" not in result.stderr
-    assert not (tmp_path / "evaluate.json").exists()
-
-
-def test_mlflow_project_tune_entry_point_tops_the_study_up_under_its_run(repro, client):
-    project, _ = repro
-    result = run([sys.executable, "-m", "mlflow", "run", ".", "-e", "tune", "--env-manager",
-                  "local", "-P", "overrides=tune.n_trials=3"], cwd=project, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    parent_id = re.search(r"Run \(ID '(\w+)'\) succeeded", result.stderr).group(1)
-    parent = client.get_run(parent_id)
-    (study,) = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert study.data.params["tune.n_trials"] == "3"  # the study run, under `mlflow run`'s
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{study.info.run_id}'")
-    assert len(children) == 1  # the study had 2 finished trials; one more tops it up to 3
-    summary = json.loads((project / "tune/summary.json").read_text())
-    assert summary["trials_complete"] + summary["trials_pruned"] == 3

@@ -124,8 +124,20 @@ def test_rerun_tops_the_study_up_instead_of_starting_over(archive, prepared, tmp
     again = run_study(tune_params(archive, tmp_path, n_trials=3, epochs_per_trial=1), prepared)
     assert again.study_name == first.study_name
     assert len(again.trials) == 3 and [t.value for t in again.trials[:2]] == values
-    unchanged = run_study(tune_params(archive, tmp_path, n_trials=3, epochs_per_trial=1), prepared)
+    client = MlflowClient(tracking_uri)
+    study_runs = lambda: client.search_runs(  # noqa: E731
+        [e.experiment_id for e in client.search_experiments()],
+        filter_string=f"tags.optuna.study_name = '{first.study_name}'")
+    before = len(study_runs())
+    out = tmp_path / "tune"
+    unchanged = run_study(tune_params(archive, tmp_path, n_trials=3, epochs_per_trial=1), prepared,
+                          out_dir=out)
     assert len(unchanged.trials) == 3
+    assert len(study_runs()) == before  # nothing ran: no empty study run in MLflow...
+    best = yaml.safe_load((out / BEST_PARAMS_FILE).read_text())
+    assert best["best_trial"] == unchanged.best_trial.number  # ...but the outputs are written
+    names = [r.info.run_name for r in study_runs() if "mlflow.parentRunId" not in r.data.tags]
+    assert len(names) == 2 and len(set(names)) == 2, names  # one per invocation, distinct
 
 
 def test_same_seed_gives_the_same_sequence_of_suggestions(archive, prepared, tmp_path,
@@ -138,6 +150,20 @@ def test_same_seed_gives_the_same_sequence_of_suggestions(archive, prepared, tmp
     first = suggestions("a", 7)
     assert suggestions("b", 7) == first
     assert suggestions("c", 8) != first
+
+
+def test_a_resumed_study_suggests_what_the_uninterrupted_one_did(archive, prepared, tmp_path,
+                                                                 tracking_uri):
+    """Stopped after 2 trials and resumed, or run straight through: the same 4 trials."""
+    def params(folder, n_trials):
+        return tune_params(archive, tmp_path / folder, n_trials=n_trials, epochs_per_trial=1,
+                           pruner="none", sampler="tpe")
+
+    straight = run_study(params("straight", 4), prepared)
+    run_study(params("resumed", 2), prepared)
+    resumed = run_study(params("resumed", 4), prepared)
+    assert [t.params for t in resumed.trials] == [t.params for t in straight.trials]
+    assert [t.value for t in resumed.trials] == [t.value for t in straight.trials]
 
 
 def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(archive, prepared,

@@ -138,6 +138,9 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
         if checkpoint_path is not None and resume is None:
             save_checkpoint(checkpoint_path, {"epoch": 0, "fingerprint": fingerprint,
                                               "mlflow_run_id": run_id})
+        if resume is not None:  # epochs checkpointed while the store was failing
+            tracking.EpochLogger.catch_up(resume["history"])
+        tracking.log_dataset(params.data.url, params.data.md5, meta.sizes, "training")
         tracking.log_text(model_summary, "model/summary.txt")
         tracking.log_dict({"class_names": list(meta.class_names), "mean": list(meta.mean),
                            "std": list(meta.std), "sizes": meta.sizes}, "data/dataset_meta.json")
@@ -146,8 +149,8 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
         result = fit(model, to_device(train_split.images, train_split.labels, device),
                      to_device(val_split.images, val_split.labels, device), params.train,
                      params.base.seed, checkpoint_path=checkpoint_path,
-                     checkpoint_extra={"params": params.to_dict(), "mlflow_run_id": run_id,
-                                       "fingerprint": fingerprint},
+                     checkpoint_extra={"params": params.to_public_dict(),
+                                       "mlflow_run_id": run_id, "fingerprint": fingerprint},
                      callbacks=[tracking.EpochLogger()], eval_batch_size=params.evaluate.batch_size,
                      resume=resume)
         model.load_state_dict(result.best_state)
@@ -200,11 +203,13 @@ def evaluate_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_
     test = load_split(prepared_dir, "test")
     device = resolve_device(params.train.device)
     model, payload = load_trained_model(model_dir)
-    # Reopen the run first: if it cannot be found, nothing has been written yet.
-    with tracking.resumed_run(payload["mlflow_run_id"],
-                              tracking.lineage_tags("evaluate", params.data.md5)):
+    # Open the run first: if the store cannot be read, nothing has been written yet.
+    with tracking.evaluation_run(params, payload["mlflow_run_id"],
+                                 tracking.lineage_tags("evaluate", params.data.md5),
+                                 payload["model_config"]) as run_id:
         # One module is evaluated, logged and served: the classifier, with flip TTA inside
         # when evaluate.flip_tta is on, so `mlflow models serve` answers what was scored here.
+        tracking.log_dataset(params.data.url, params.data.md5, meta.sizes, "evaluation")
         evaluated = FlipTTA(model) if params.evaluate.flip_tta else model
         evaluated.to(device)
         images, labels = to_device(test.images, test.labels, device)
@@ -217,7 +222,7 @@ def evaluate_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_
         tracking.log_metrics(evaluation.metrics, prefix="test/")
         tracking.log_files(files + [metrics_path], "evaluation")
         model_uri = tracking.log_model(evaluated, test.images[:2])
-        write_json(reports_dir / MODEL_URI_FILE, {"run_id": payload["mlflow_run_id"],
-                                                  "model_uri": model_uri,
+        write_json(reports_dir / MODEL_URI_FILE, {"run_id": run_id, "model_uri": model_uri,
+                                                  "trained_by_run_id": payload["mlflow_run_id"],
                                                   "flip_tta": params.evaluate.flip_tta})
     return evaluation.metrics

@@ -31,8 +31,12 @@ def _parser() -> argparse.ArgumentParser:
                               "top the study up to tune.n_trials")
         sub.add_argument("--worker-id", type=int, default=0,
                          help="distinct number per concurrent worker: seeds its sampler apart")
-        sub.add_argument("--out", type=Path,
-                         help="also write best_params.yaml, summary.json, trials.csv, plots/ here")
+        sub.add_argument("--out", type=Path, default=Path("tune"),
+                         help="rewrite the tune stage's outputs (best_params.yaml, summary.json, "
+                              "study.json, trials.csv, plots/) here from the study, so the next "
+                              "`dvc repro` trains with its best (default: %(default)s)")
+        sub.add_argument("--no-out", dest="out", action="store_const", const=None,
+                         help="write no files (a worker on a machine that does not train)")
     commands.add_parser("best", help="print the best trial and the study's progress as JSON",
                         parents=[common], add_help=False)
     export = commands.add_parser("export", help="write every trial to CSV (pandas)",

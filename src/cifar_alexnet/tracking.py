@@ -9,10 +9,15 @@ from the repository shows every run.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import re
 import subprocess
 import time
+import urllib.error
+import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -20,18 +25,35 @@ import mlflow
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.http_dataset_source import HTTPDatasetSource
+from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from .config import Params, flatten
 from .errors import PipelineError
 from .redact import redact_url
+from .train import StopAfterCheckpoint
 from .workspace import dvc_experiment_tags, project_root
 
 log = logging.getLogger(__name__)
 
+# MLflow retries an unreachable server 7 times with exponential backoff (about 4 minutes) per
+# call before it gives up. A stage should fail in seconds instead, saying so; set these
+# variables yourself to choose other values.
+for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
+                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
+    os.environ.setdefault(_name, _value)
+HEALTH_TIMEOUT_S = 5
+
 MODEL_ARTIFACT = "model"
 DEFAULT_DB, DEFAULT_ARTIFACTS = "mlflow.db", "mlruns"
+# Marks a model-training (not GenAI) experiment. The MLflow 3.17 UI ignores it and opens on the
+# GenAI overview unless the link says ?workflowType=machine_learning (see experiment_url); earlier
+# MLflow 3 UIs read it.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def _slug(name: str) -> str:
@@ -70,21 +92,74 @@ def lineage_tags(stage: str, data_md5: str | None) -> dict[str, str]:
     return tags
 
 
+class TrackingUnavailable(StopAfterCheckpoint):
+    """The tracking store failed or cannot be reached. Training stops once the epoch in progress
+    is checkpointed; a tuning trial is queued again; the rerun continues."""
+
+
+def _unavailable(exc: Exception, after: str = "") -> TrackingUnavailable:
+    reason = (getattr(exc, "message", None) or str(exc)).strip().splitlines()[0]
+    # "API request to … failed with exception HTTPConnectionPool(…): Max retries exceeded …
+    # (Caused by NewConnectionError(…: [Errno 111] Connection refused"))": the cause is enough.
+    cause = re.search(r"\[Errno -?\d+\] [^\"')]+", reason)
+    reason = cause[0] if cause else reason[:300]
+    return TrackingUnavailable(
+        f"the MLflow tracking store {redact_url(mlflow.get_tracking_uri())} failed{after} "
+        f"({reason}). Nothing finished is lost: when the store is back, run the stage again "
+        "(`dvc repro`): training resumes after its last checkpointed epoch and an interrupted "
+        "trial is run again")
+
+
+def check_store() -> None:
+    """Fail in seconds, naming the URI, when a tracking server does not answer."""
+    uri = mlflow.get_tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S):  # noqa: S310 (http only)
+            return
+    except urllib.error.HTTPError:
+        return  # it answers (a proxy or an auth layer may refuse /health): let MLflow try
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+    raise PipelineError(
+        f"the MLflow tracking server {redact_url(uri)} does not answer ({reason}). Start it "
+        "(e.g. `mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri "
+        "sqlite:///mlflow.db`), fix MLFLOW_TRACKING_URI, or unset it to log to the "
+        "repository's mlflow.db")
+
+
+def _epoch_metrics(row: dict[str, float]) -> dict[str, float]:
+    return {"train/loss": row["train_loss"], "train/acc": row["train_acc"],
+            "val/loss": row["val_loss"], "val/acc": row["val_acc"],
+            "lr": row["lr"], "epoch_seconds": row["seconds"]}
+
+
 class EpochLogger:
-    """Training callback: one MLflow step per epoch, metrics namespaced by split."""
+    """Training callback: one MLflow step per epoch, metrics namespaced by split. A store that
+    fails stops training after the epoch is checkpointed (TrackingUnavailable)."""
 
     def on_epoch_end(self, row: dict[str, float]) -> None:
-        mlflow.log_metrics({"train/loss": row["train_loss"], "train/acc": row["train_acc"],
-                            "val/loss": row["val_loss"], "val/acc": row["val_acc"],
-                            "lr": row["lr"], "epoch_seconds": row["seconds"]},
-                           step=int(row["epoch"]))
+        try:
+            mlflow.log_metrics(_epoch_metrics(row), step=int(row["epoch"]))
+        except MlflowException as exc:
+            raise _unavailable(exc, f" after epoch {int(row['epoch'])}") from None
+
+    @staticmethod
+    def catch_up(history: Sequence[dict[str, float]]) -> None:
+        """Log the epochs of a resumed training that never reached the store (it failed)."""
+        client = mlflow.MlflowClient()
+        run_id = mlflow.active_run().info.run_id
+        logged = {m.step for m in client.get_metric_history(run_id, "val/acc")}
+        for row in history:
+            if int(row["epoch"]) not in logged:
+                mlflow.log_metrics(_epoch_metrics(row), step=int(row["epoch"]))
 
 
 def public_params(params: Params) -> dict[str, Any]:
-    """The params as logged: nested, with credentials in the tuning storage URL masked."""
-    tree = params.to_dict()
-    tree["tune"]["storage"] = redact_url(tree["tune"]["storage"])
-    return tree
+    """The params as logged: nested, with credentials in URLs masked."""
+    return params.to_public_dict()
 
 
 def _log_params(params: Params) -> None:
@@ -121,9 +196,11 @@ def invocation_run() -> str | None:
 
 def _set_experiment(params: Params) -> None:
     default_store = use_default_store()
+    check_store()
     parent = invocation_run()
     if parent:  # the experiment `mlflow run` was given
-        mlflow.set_experiment(experiment_id=mlflow.get_run(parent).info.experiment_id)
+        experiment = mlflow.set_experiment(
+            experiment_id=mlflow.get_run(parent).info.experiment_id)
     else:
         name = params.mlflow.experiment
         if default_store and mlflow.get_experiment_by_name(name) is None:
@@ -133,7 +210,44 @@ def _set_experiment(params: Params) -> None:
                 mlflow.create_experiment(
                     name, artifact_location=(project_root() / DEFAULT_ARTIFACTS
                                              / _slug(name)).as_uri())
-        mlflow.set_experiment(name)
+        experiment = mlflow.set_experiment(name)
+    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+
+
+def experiment_url(experiment_id: str, run_id: str | None = None,
+                   ui: str = "http://127.0.0.1:5000") -> str:
+    """Where `mlflow ui` shows the experiment's runs (or one run) in its model-training view."""
+    run = f"/{run_id}" if run_id else ""
+    return f"{ui}/#/experiments/{experiment_id}/runs{run}?workflowType=machine_learning"
+
+
+class _ProfiledDataset(MetaDataset):
+    """A dataset known by its archive's md5 (the digest) with its split sizes (the profile)."""
+
+    def __init__(self, source: Any, name: str, digest: str, profile: dict[str, Any]) -> None:
+        self._profile = profile
+        super().__init__(source, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def log_dataset(url: str, md5: str, sizes: dict[str, int], context: str) -> None:
+    """The run's Datasets panel: CIFAR-10 from ``url`` (masked), digest = the archive's md5."""
+    public = redact_url(url)
+    if public.startswith(("http://", "https://")):
+        source: Any = HTTPDatasetSource(url=public)
+    else:
+        with warnings.catch_warnings():  # "several sources match": the local-file one is meant
+            warnings.simplefilter("ignore")
+            source = resolve_dataset_source(public.removeprefix("file://"))
+    mlflow.log_input(_ProfiledDataset(source, "cifar10", md5, {"splits": sizes}),
+                     context=context)
 
 
 @contextlib.contextmanager
@@ -144,25 +258,52 @@ def _run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
     parent = invocation_run()
     if parent and "run_id" not in start_kwargs and not start_kwargs.get("nested"):
         start_kwargs["tags"] = {**start_kwargs.get("tags", {}), "mlflow.parentRunId": parent}
-    run = mlflow.start_run(**start_kwargs)
+    try:
+        run = mlflow.start_run(**start_kwargs)
+    except MlflowException as exc:
+        raise _unavailable(exc) from None
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        _end_run("KILLED")
         raise
+    except TrackingUnavailable:
+        _end_run("FAILED")  # the store is failing: the rerun continues or closes this run
+        raise
+    except MlflowException as exc:
+        _end_run("FAILED")
+        raise _unavailable(exc) from None
     except BaseException:
-        mlflow.end_run("FAILED")
+        _end_run("FAILED")
         raise
-    mlflow.end_run("FINISHED")
+    _end_run("FINISHED")
+
+
+def _end_run(status: str) -> None:
+    """End the active run. When the store fails, the run is still ended here (MLflow pops it
+    first) and keeps its stored status: the rerun continues it, or marks it KILLED."""
+    try:
+        mlflow.end_run(status)
+    except MlflowException as exc:
+        log.warning("could not mark the MLflow run %s: %s", status, exc.message.splitlines()[0])
+
+
+def _find_run(run_id: str) -> mlflow.entities.Run | None:
+    """The run, or None when the store does not hold it; an unreachable store is an error."""
+    try:
+        return mlflow.get_run(run_id)
+    except MlflowException as exc:
+        if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise PipelineError(
+            f"cannot read run {run_id} from the tracking store "
+            f"{redact_url(mlflow.get_tracking_uri())}: {exc.message}. Check that it is "
+            "reachable (MLFLOW_TRACKING_URI)") from None
 
 
 def run_exists(run_id: str) -> bool:
     use_default_store()
-    try:
-        mlflow.get_run(run_id)
-    except MlflowException:
-        return False
-    return True
+    return _find_run(run_id) is not None
 
 
 @contextlib.contextmanager
@@ -185,41 +326,58 @@ def training_run(params: Params, tags: dict[str, str],
     with _run(**start) as run:
         mlflow.set_tags(tags)
         _log_params(params)
-        log.info("MLflow run %s in experiment %s (%s)", run.info.run_id,
-                 run.info.experiment_id, mlflow.get_tracking_uri())
+        log.info("MLflow run %s in %s; with `mlflow ui`: %s", run.info.run_id,
+                 redact_url(mlflow.get_tracking_uri()),
+                 experiment_url(run.info.experiment_id, run.info.run_id))
         yield run.info.run_id
 
 
 @contextlib.contextmanager
-def resumed_run(run_id: str, tags: dict[str, str]) -> Iterator[str]:
-    """Reopen the training stage's run so evaluation lands in the same run."""
+def evaluation_run(params: Params, trained_run_id: str, tags: dict[str, str],
+                   model_info: dict[str, Any]) -> Iterator[str]:
+    """Where evaluation is logged: the training run that produced the model, reopened, so the
+    test metrics and the served model sit beside the training curves.
+
+    When this store does not hold that run (the model came from DVC's run cache or a `dvc pull`
+    of work tracked elsewhere), a new run `evaluate <label>` records the evaluation and links
+    to the training by the tag ``trained_by.run_id``: nothing dangles, nothing is retrained."""
     use_default_store()
-    try:
-        mlflow.get_run(run_id)
-    except MlflowException as exc:
-        raise PipelineError(
-            f"MLflow run {run_id} (from the train stage) is not in the tracking store "
-            f"{mlflow.get_tracking_uri()}: {exc.message}. Use the same MLFLOW_TRACKING_URI for "
-            "train and evaluate, or rerun training (dvc repro --force train).") from None
-    with _run(run_id=run_id) as run:
-        # The run stays the train stage's (dvc.stage); dvc.stages lists every stage that wrote
-        # to it.
-        stage = tags.pop("dvc.stage", None)
-        seen = run.data.tags.get("dvc.stages", run.data.tags.get("dvc.stage", "")).split(",")
-        stages = dict.fromkeys(s for s in [*seen, stage] if s)  # ordered, no repeats
-        mlflow.set_tags({**tags, "dvc.stages": ",".join(stages)})
+    found = _find_run(trained_run_id)
+    stage = tags.pop("dvc.stage", "evaluate")
+    if found is None:
+        log.info("training run %s is not in %s (model from DVC's run cache or dvc pull); "
+                 "logging the evaluation to a new run", trained_run_id,
+                 redact_url(mlflow.get_tracking_uri()))
+        _set_experiment(params)
+        start: dict[str, Any] = {"run_name": f"evaluate {run_label()}", "tags": {
+            **tags, "dvc.stage": stage, "trained_by.run_id": trained_run_id}}
+    else:
+        start = {"run_id": trained_run_id}
+    with _run(**start) as run:
+        if found is None:
+            mlflow.log_params({f"model.{k}": v for k, v in model_info.items()})
+        else:
+            # The run stays the train stage's (dvc.stage); dvc.stages lists every stage that
+            # wrote to it.
+            seen = found.data.tags.get("dvc.stages", found.data.tags.get("dvc.stage", ""))
+            stages = dict.fromkeys(s for s in [*seen.split(","), stage] if s)  # ordered, unique
+            mlflow.set_tags({**tags, "dvc.stages": ",".join(stages)})
         yield run.info.run_id
 
 
 @contextlib.contextmanager
-def study_run(params: Params, study_name: str, tags: dict[str, str]) -> Iterator[str]:
-    """The parent run of one tuning invocation (one per worker process)."""
+def study_run(params: Params, study_name: str, tags: dict[str, str],
+              worker_id: int = 0) -> Iterator[str]:
+    """The parent run of one tuning invocation (one per worker process), named after the study
+    and the invocation: a study grown by several invocations has one run per invocation."""
     _set_experiment(params)
-    with _run(run_name=f"study {study_name}",
+    worker = f" worker {worker_id}" if worker_id else ""
+    with _run(run_name=f"study {study_name} {run_label()}{worker}",
               tags={**tags, "optuna.study_name": study_name}) as run:
         _log_params(params)
-        log.info("MLflow parent run %s for study %s (%s)", run.info.run_id, study_name,
-                 mlflow.get_tracking_uri())
+        log.info("MLflow parent run %s for study %s in %s; with `mlflow ui`: %s",
+                 run.info.run_id, study_name, redact_url(mlflow.get_tracking_uri()),
+                 experiment_url(run.info.experiment_id, run.info.run_id))
         yield run.info.run_id
 
 

@@ -36,6 +36,11 @@ class TrainingDiverged(PipelineError):
     """The loss became NaN or infinite."""
 
 
+class StopAfterCheckpoint(PipelineError):
+    """Raised by a callback to stop training once this epoch is checkpointed (e.g. the tracking
+    server went away): the work is kept and a rerun resumes after it."""
+
+
 class EpochCallback(Protocol):
     def on_epoch_end(self, row: dict[str, float]) -> None:
         """Called once per epoch with a row holding :data:`HISTORY_FIELDS`."""
@@ -261,8 +266,12 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
                  row["seconds"])
         # Callbacks first: if the process dies between the two, a resume repeats this epoch
         # (same numbers, logged twice) rather than losing its metrics.
+        stop: StopAfterCheckpoint | None = None
         for callback in callbacks:
-            callback.on_epoch_end(row)
+            try:
+                callback.on_epoch_end(row)
+            except StopAfterCheckpoint as exc:
+                stop = stop or exc
         if checkpoint_path is not None:
             save_checkpoint(checkpoint_path, {
                 "epoch": epoch,
@@ -277,6 +286,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
                 "train_config": asdict(cfg),
                 **(checkpoint_extra or {}),
             })
+        if stop is not None:
+            raise stop
     return best
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
-import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
@@ -42,6 +41,20 @@ log = logging.getLogger(__name__)
 # Heartbeats, stale-trial retries and the matplotlib plots are documented Optuna features that
 # still carry the "experimental" label (since 2.8/2.9); the warnings say nothing actionable.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+
+class _OutageWithoutTraceback(logging.Filter):
+    """Optuna logs a failed trial's traceback; for a tracking outage the stage's own one-line
+    error says everything (what failed, that nothing is lost, what to run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], tracking.TrackingUnavailable):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_OutageWithoutTraceback())
 
 # Optuna parameter names are the params.yaml keys they set.
 LR, DROPOUT = "train.lr", "model.dropout"
@@ -138,11 +151,8 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
 
 
 def open_study(params: Params, worker_id: int = 0, create: bool = True) -> optuna.Study:
-    """Create or load the study; refuse a study that was made for different settings.
-
-    The sampler is seeded with ``tune.seed`` plus the number of trials already in the study
-    (and the worker id), so a resumed or second process does not replay the first one's draws.
-    """
+    """Create or load the study; refuse a study that was made for different settings. Its
+    sampler is seeded for the next trial (:func:`reseed`)."""
     url, name = storage_url(params), study_name(params)
     storage = make_storage(url, params.tune.heartbeat_seconds)
     fingerprint = study_fingerprint(params)
@@ -168,9 +178,19 @@ def open_study(params: Params, worker_id: int = 0, create: bool = True) -> optun
             f"({', '.join(changed)}); its trials would not be comparable. Set tune.study_name "
             "to a new name (or `auto`), or delete the study with "
             f"`optuna delete-study --study-name {name} --storage <url>`")
-    study.sampler = make_sampler(params, params.tune.seed + len(study.trials)
-                                 + 1_000_003 * worker_id)
+    reseed(study, params, worker_id)
     return study
+
+
+def reseed(study: optuna.Study, params: Params, worker_id: int = 0) -> None:
+    """Seed the sampler for the study's next trial from (``tune.seed``, the number of trials
+    finished so far, the worker id) alone. The suggestion then depends only on those and the
+    finished trials TPE learns from, so a study that crashed and was resumed suggests what an
+    uninterrupted one would have (a retried trial reruns its own params), and concurrent
+    workers, seeded apart, do not draw the same values."""
+    finished = progress(study).finished
+    seed = (params.tune.seed + finished + 1_000_003 * worker_id) % 2**32  # numpy: 32 bits
+    study.sampler = make_sampler(params, seed)
 
 
 def tuned_params(params: Params, values: Mapping[str, float],
@@ -281,8 +301,10 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> float:
         try:
             return self._train(trial)
-        except (KeyboardInterrupt, SystemExit):
-            trial.set_user_attr("interrupted", True)  # the next run queues it again
+        except (KeyboardInterrupt, SystemExit, tracking.TrackingUnavailable):
+            # Not the trial's fault: the next run queues it again before counting (recover), so
+            # it never counts as a finished trial toward tune.n_trials.
+            trial.set_user_attr("interrupted", True)
             raise
 
     def _train(self, trial: optuna.Trial) -> float:
@@ -292,9 +314,10 @@ class Objective:
         params = tuned_params(self.params, values)
         cfg = dataclasses.replace(params.train, epochs=tune.epochs_per_trial)
         outcome: BaseException | None = None
+        # Before the trial's run starts: if the store fails, the next run closes the parent.
+        trial.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
         with tracking.trial_run(self.study_name, trial.number, values) as run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
-            trial.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
             seed_everything(params.base.seed, self.device)  # same init for every trial
             model = build_model(params.model, self.meta.mean, self.meta.std).to(self.device)
             try:
@@ -337,22 +360,30 @@ def run_study(params: Params, prepared_dir: Path, out_dir: Path | None = None,
     study = open_study(params, worker_id, create=create)
     name = study.study_name
     target = params.tune.n_trials if n_trials is None else None
+    handled: set[int] = set()
+    recover(study, handled)
+    if _is_done(progress(study), target, n_trials, ran=0):
+        # Nothing to run: no MLflow run (it would be an empty study run), outputs refreshed.
+        log.info("study %s in %s already holds %d finished trials (tune.n_trials %d): no trial "
+                 "to run", name, redact_url(storage_url(params)), progress(study).finished,
+                 target)
+        if out_dir is not None:
+            write_outputs(study, params, out_dir, log_to_mlflow=False)
+        return study
     log.info("study %s in %s: %s", name, redact_url(storage_url(params)),
              f"topping up to {target} finished trials" if target is not None
              else f"running {n_trials} trials in this worker")
     tags = tracking.lineage_tags("tune", params.data.md5)
-    with tracking.study_run(params, name, tags):
+    with tracking.study_run(params, name, tags, worker_id):
         objective = Objective(params, prepared_dir, name, tracking.active_run_id())
-        ran, handled = 0, set()
+        tracking.log_dataset(params.data.url, params.data.md5, objective.meta.sizes, "tuning")
+        ran = 0
         while True:
-            recover(study, handled)
-            state = progress(study)
-            # Only finished trials count: a RUNNING one may belong to a worker that died less
-            # than its grace period ago. Concurrent top-ups may overshoot by a trial each.
-            if target is not None and state.finished >= target:
+            if ran:
+                recover(study, handled)
+            if _is_done(progress(study), target, n_trials, ran):
                 break
-            if target is None and ran >= n_trials:
-                break
+            reseed(study, params, worker_id)
             study.optimize(objective, n_trials=1, catch=(TrainingDiverged,))
             ran += 1
         summary = summarize(study, params)
@@ -363,9 +394,20 @@ def run_study(params: Params, prepared_dir: Path, out_dir: Path | None = None,
             tracking.log_metrics({"best_value": summary["best_value"]})
             tracking.set_tags({"optuna.best_trial": summary["best_trial"]})
             tracking.log_params({f"best.{k}": v for k, v in summary["best_params"].items()})
-        if out_dir is not None:
-            write_outputs(study, params, out_dir)
+        if out_dir is not None and (target is not None or summary["best_trial"] is not None):
+            write_outputs(study, params, out_dir)  # a top-up without a completed trial fails
+        elif out_dir is not None:
+            log.warning("study %s has no completed trial yet: %s not written", name, out_dir)
     return study
+
+
+def _is_done(state: Progress, target: int | None, n_trials: int | None, ran: int) -> bool:
+    """A top-up is done when the study holds ``target`` finished trials (a RUNNING one may
+    belong to a worker that died less than its grace period ago; concurrent top-ups may
+    overshoot by a trial each); a worker is done after its ``n_trials``."""
+    if target is not None:
+        return state.finished >= target
+    return ran >= n_trials
 
 
 def summarize(study: optuna.Study, params: Params) -> dict[str, Any]:
@@ -414,8 +456,10 @@ def _best_trial(study: optuna.Study) -> FrozenTrial | None:
         return None
 
 
-def write_outputs(study: optuna.Study, params: Params, out_dir: Path) -> dict[str, Any]:
-    """best_params.yaml, summary.json, trials.csv and plots/ under ``out_dir``; log them."""
+def write_outputs(study: optuna.Study, params: Params, out_dir: Path,
+                  log_to_mlflow: bool = True) -> dict[str, Any]:
+    """best_params.yaml, summary.json, study.json, trials.csv and plots/ under ``out_dir``, all
+    rewritten from the study's current state; logged to the active MLflow run."""
     import yaml
 
     summary = summarize(study, params)
@@ -435,9 +479,10 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path) -> dict[st
                "# Written by the tune stage; the train stage uses these over params.yaml.\n"
                + yaml.safe_dump(best, sort_keys=False))
     write_summary(out_dir, summary)
-    tracking.log_files([out_dir / BEST_PARAMS_FILE, out_dir / SUMMARY_FILE,
-                        out_dir / STUDY_FILE, out_dir / TRIALS_FILE], "tune")
-    tracking.log_files(plots, "tune/plots")
+    if log_to_mlflow:
+        tracking.log_files([out_dir / BEST_PARAMS_FILE, out_dir / SUMMARY_FILE,
+                            out_dir / STUDY_FILE, out_dir / TRIALS_FILE], "tune")
+        tracking.log_files(plots, "tune/plots")
     return summary
 
 
@@ -452,7 +497,7 @@ def write_disabled(out_dir: Path) -> None:
     write_summary(out_dir, {"study_name": None, "trials_complete": 0,
                             "note": "tune.n_trials is 0; tuning skipped"})
     write_text(out_dir / TRIALS_FILE, "")
-    (out_dir / PLOTS_DIR).mkdir(parents=True, exist_ok=True)
+    _clear_plots(out_dir / PLOTS_DIR)
 
 
 def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
@@ -479,12 +524,20 @@ def write_trials_csv(study: optuna.Study, path: Path) -> None:
     write_text(path, frame.to_csv(index=False))
 
 
+def _clear_plots(plot_dir: Path) -> None:
+    """An empty plots/: it persists across runs (dvc.yaml), and a plot that cannot be drawn
+    now must not be left from an earlier study."""
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for stale in plot_dir.glob("*.png"):
+        stale.unlink()
+
+
 def write_plots(study: optuna.Study, plot_dir: Path) -> list[Path]:
     """History, importances and an lr x dropout contour as PNG; skipped with a log line when
     the study is too small for one (importances need 2+ completed trials)."""
     from optuna.visualization import matplotlib as optuna_plots
 
-    plot_dir.mkdir(parents=True, exist_ok=True)
+    _clear_plots(plot_dir)
     makers = {"optimization_history.png": lambda: optuna_plots.plot_optimization_history(study),
               "param_importances.png": lambda: optuna_plots.plot_param_importances(study),
               "lr_dropout_contour.png": lambda: optuna_plots.plot_contour(

@@ -1,0 +1,395 @@
+"""The workflow matrix: one project driven, one command after another, by every tool's own
+commands — `dvc repro`, `dvc exp run -S`, `--queue` + `dvc queue start`, `--temp`, `mlflow run .`,
+`mlflow run . -e tune`, a `cifar-study run` worker, `mlflow models serve` — on generated data.
+
+After each workflow the seams must hold: one MLflow store (the repository's) holds every run, run
+names are unique, `dvc status` is clean, and the model MLflow serves answers exactly what the
+evaluate stage scored (reports/predictions.csv).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import (dvc, free_port, make_project, run, subprocess_env, tiny_params,
+                      wait_for_http)
+
+pytestmark = pytest.mark.slow
+
+
+def mlflow_run(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "mlflow", "run", ".", "--env-manager", "local", *args],
+               cwd=project)
+
+
+def study(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "cifar_alexnet.study_cli", *args], cwd=project)
+
+
+def wait_for_queue(project: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = dvc("queue", "status", cwd=project)
+        if not any(word in status.stdout for word in ("Queued", "Running")):
+            return status
+        time.sleep(3)
+    raise AssertionError(f"queue still busy after {timeout} s:\n{status.stdout}")
+
+
+def store(project: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+
+
+def all_runs(project: Path) -> list:
+    client = store(project)
+    return client.search_runs([e.experiment_id for e in client.search_experiments()])
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+# --- the workflows, in the order a user might run them ----------------------------------------
+
+def queue_two_and_start(project: Path) -> list[subprocess.CompletedProcess]:
+    results = [dvc("exp", "run", "--queue", "-S", "train.epochs=2", cwd=project),
+               # tuning off: training takes train.lr from params.yaml
+               dvc("exp", "run", "--queue", "-S", "train.epochs=1", "-S", "train.lr=0.001",
+                   "-S", "tune.n_trials=0", cwd=project)]
+    results.append(dvc("queue", "start", cwd=project))
+    results.append(wait_for_queue(project))
+    return results
+
+
+def tune_entry_point_then_repro(project: Path) -> list[subprocess.CompletedProcess]:
+    tuned = mlflow_run(project, "-e", "tune", "-P", "overrides=tune.n_trials=2")
+    # The study grew outside DVC and the entry point refreshed tune/: DVC says so.
+    status = dvc("status", "--json", cwd=project)
+    return [tuned, status, dvc("repro", cwd=project)]
+
+
+def worker_then_repro(project: Path) -> list[subprocess.CompletedProcess]:
+    before = study(project, "best")
+    worker = study(project, "run", "--n-trials", "2")
+    return [before, worker, study(project, "best"), dvc("repro", cwd=project)]
+
+
+WORKFLOWS: dict[str, Callable[[Path], list[subprocess.CompletedProcess]]] = {
+    "dvc repro": lambda p: [dvc("repro", cwd=p)],
+    "dvc exp run -S": lambda p: [dvc("exp", "run", "-S", "train.epochs=3", cwd=p)],
+    "dvc exp run --queue x2 + dvc queue start": queue_two_and_start,
+    # a changed tune.n_trials: the temporary copy tops up the repository's study
+    "dvc exp run --temp": lambda p: [dvc("exp", "run", "--temp", "-S", "tune.n_trials=2",
+                                         "-S", "train.epochs=5", cwd=p)],
+    # a new search space: a new study and a training, both nested under one MLflow parent
+    "mlflow run .": lambda p: [mlflow_run(p, "-P", "overrides=tune.epochs_per_trial=1")],
+    "mlflow run . -e tune, then dvc repro": tune_entry_point_then_repro,
+    "cifar-study run worker, then dvc repro": worker_then_repro,
+}
+
+
+@dataclass
+class Outcome:
+    results: list[subprocess.CompletedProcess]
+    dvc_status: dict
+    runs: list
+    stray_stores: list[Path]
+    served_vs_evaluated: tuple[list[str], list[str]] | None
+    lineage: dict[str, dict] = field(default_factory=dict)
+
+    def log(self) -> str:
+        return "\n".join(f"$ {' '.join(map(str, r.args))}\n{r.stdout[-2000:]}{r.stderr[-3000:]}"
+                         for r in self.results)
+
+
+def logged_predictions(project: Path) -> tuple[list[str], list[str]]:
+    """The logged model's classes for every test image, and the evaluate stage's."""
+    import mlflow
+
+    from cifar_alexnet.prepare import load_meta, load_split
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    try:
+        model = mlflow.pyfunc.load_model(read_json(project / "reports/mlflow_model.json")
+                                         ["model_uri"])
+        logits = np.asarray(model.predict(load_split(project / "data/prepared", "test").images))
+    finally:
+        mlflow.set_tracking_uri(None)
+    names = load_meta(project / "data/prepared").class_names
+    served = [names[i] for i in logits.argmax(1)]
+    return served, pd.read_csv(project / "reports/predictions.csv")["predicted"].tolist()
+
+
+def observe(project: Path, results: list[subprocess.CompletedProcess]) -> Outcome:
+    stray = [p for p in project.rglob("mlflow.db") if p != project / "mlflow.db"]
+    stray += [p for p in project.rglob("optuna.db") if p != project / "tune/optuna.db"]
+    served = (logged_predictions(project) if (project / "reports/mlflow_model.json").is_file()
+              else None)
+    return Outcome(results, json.loads(dvc("status", "--json", cwd=project).stdout or "{}"),
+                   all_runs(project), stray, served,
+                   {name: read_json(project / path) for name, path in
+                    (("model", "models/mlflow_run.json"), ("served", "reports/mlflow_model.json"))
+                    if (project / path).is_file()})
+
+
+@pytest.fixture(scope="module")
+def matrix(archive, tmp_path_factory) -> tuple[Path, dict[str, Outcome]]:
+    """Every workflow, in order, on one project (a 1-trial study to start with)."""
+    project = make_project(tmp_path_factory.mktemp("workflows") / "project",
+                           tiny_params(archive, tune={"n_trials": 1, "pruner": "none"}))
+    outcomes: dict[str, Outcome] = {}
+    for name, workflow in WORKFLOWS.items():
+        outcomes[name] = observe(project, workflow(project))
+    return project, outcomes
+
+
+def is_trial(run) -> bool:
+    return "optuna.trial_number" in run.data.tags
+
+
+@pytest.mark.parametrize("workflow", list(WORKFLOWS))
+def test_after_each_workflow_the_seams_hold(matrix, workflow):
+    project, outcomes = matrix
+    outcome = outcomes[workflow]
+    for result in outcome.results:
+        assert result.returncode == 0, outcome.log()
+    assert outcome.dvc_status == {}, outcome.dvc_status
+    # One store: the repository's; none left in DVC's temporary copies.
+    assert not outcome.stray_stores, outcome.stray_stores
+    ids = {r.info.run_id for r in outcome.runs}
+    assert outcome.lineage["model"]["run_id"] in ids  # the run that trained models/
+    assert outcome.lineage["served"]["run_id"] in ids  # the run holding the served model
+    assert all(r.info.status == "FINISHED" for r in outcome.runs), \
+        [(r.info.run_name, r.info.status) for r in outcome.runs if r.info.status != "FINISHED"]
+    # Unique names: trials are unique within their study, every other run everywhere.
+    names = Counter(r.info.run_name for r in outcome.runs if not is_trial(r))
+    names.update(f"{r.data.tags['optuna.study_name']}/{r.info.run_name}"
+                 for r in outcome.runs if is_trial(r))
+    assert [n for n, c in names.items() if c > 1] == []
+    served, evaluated = outcome.served_vs_evaluated
+    assert served == evaluated
+
+
+def test_each_workflow_adds_its_runs_to_the_one_store(matrix):
+    _, outcomes = matrix
+    counts = [len(o.runs) for o in outcomes.values()]
+    trainings = [sum(r.info.run_name.startswith("train ") for r in o.runs)
+                 for o in outcomes.values()]
+    # repro, exp -S, 2 queued, --temp, mlflow run ., tune entry point, worker: one training each
+    # (the -e tune step's repro trains only if the best changed)
+    assert trainings[:5] == [1, 2, 4, 5, 6], trainings
+    assert trainings[6] == trainings[5] + 1, trainings
+    assert counts == sorted(counts) and len(set(counts)) == len(counts), counts
+
+
+def test_queued_and_temporary_experiments_are_named_and_tagged_in_the_repositorys_store(matrix):
+    project, outcomes = matrix
+    shown = json.loads(dvc("exp", "show", "--json", cwd=project).stdout)
+    experiments = {e["name"] for commit in shown for e in commit.get("experiments") or []}
+    baseline = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    runs = outcomes["dvc exp run --temp"].runs
+    trainings = {r.data.tags.get("dvc.exp_name"): r for r in runs
+                 if r.info.run_name.startswith("train ")}
+    queued_and_temp = [r for r in runs if r.info.run_name.startswith("train ")][:3]
+    assert len(experiments) >= 4, experiments  # exp -S, 2 queued, --temp
+    mlruns = (project / "mlruns").as_uri()
+    for training in queued_and_temp:
+        name = training.data.tags["dvc.exp_name"]
+        assert name in experiments and trainings[name] is training
+        assert training.info.run_name == f"train {name}"
+        assert training.data.tags["dvc.baseline_rev"] == baseline
+        assert "test/accuracy" in training.data.metrics  # evaluate wrote into its run
+        assert training.info.artifact_uri.startswith(mlruns)  # not in the deleted copy
+    (tuning_off,) = [r for r in queued_and_temp if r.data.params["tune.n_trials"] == "0"]
+    assert tuning_off.data.params["train.lr"] == "0.001"
+    assert "params.yaml" in tuning_off.data.tags["tune.applied"]
+    assert [m.step for m in store(project).get_metric_history(tuning_off.info.run_id,
+                                                               "val/acc")] == [1]
+    # Trials do not depend on train.epochs: `dvc exp run -S train.epochs=3` reused the study.
+    assert "Running stage 'tune'" not in outcomes["dvc exp run -S"].results[0].stdout
+    assert "Running stage 'train'" in outcomes["dvc exp run -S"].results[0].stdout
+    # The --temp run topped the repository's study up to 2 trials.
+    temp = outcomes["dvc exp run --temp"].results[0]
+    assert "Running stage 'tune'" in temp.stdout, temp.stdout
+
+
+def test_mlflow_run_nests_the_study_and_the_training_under_one_parent(matrix):
+    project, outcomes = matrix
+    outcome = outcomes["mlflow run ."]
+    parent_id = re.search(r"Run \(ID '(\w+)'\) succeeded", outcome.results[0].stderr).group(1)
+    client = store(project)
+    children = client.search_runs([client.get_run(parent_id).info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted(r.info.run_name.split()[0] for r in children) == ["study", "train"]
+    training = next(r for r in children if r.info.run_name.startswith("train"))
+    tuning = next(r for r in children if r.info.run_name.startswith("study"))
+    assert training.data.params["tune.epochs_per_trial"] == "1"  # the override reached it
+    # Each param once, in its own run: the tuned dropout in the training, not params.yaml's.
+    assert training.data.params["model.dropout"] == tuning.data.params["best.model.dropout"]
+    assert training.data.params["model.dropout"] != tuning.data.params["model.dropout"]
+    # `-P overrides` ran as a DVC experiment: params.yaml holds it, dvc.lock agrees.
+    assert yaml.safe_load((project / "params.yaml").read_text())["tune"]["epochs_per_trial"] == 1
+
+
+def test_tune_entry_point_grows_the_study_and_dvc_status_shows_it(matrix):
+    project, outcomes = matrix
+    tuned, status, repro = outcomes["mlflow run . -e tune, then dvc repro"].results
+    assert tuned.returncode == 0, tuned.stdout + tuned.stderr
+    parent_id = re.search(r"Run \(ID '(\w+)'\) succeeded", tuned.stderr).group(1)
+    (study_run,) = [r for r in outcomes["mlflow run . -e tune, then dvc repro"].runs
+                    if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    assert study_run.info.run_name.startswith("study ")
+    assert study_run.data.params["tune.n_trials"] == "2"
+    trials = [r for r in outcomes["mlflow run . -e tune, then dvc repro"].runs
+              if r.data.tags.get("mlflow.parentRunId") == study_run.info.run_id]
+    assert len(trials) == 1  # the study held 1 finished trial; one more tops it up to 2
+    # The tune stage's outputs moved (the study has a second trial; train is behind if the best
+    # changed); `dvc repro` took it in.
+    changed = set(json.loads(status.stdout))
+    assert "tune" in changed and changed <= {"tune", "train"}, status.stdout
+    assert "Running stage 'tune'" in repro.stdout
+
+
+def test_a_worker_then_dvc_repro_trains_with_the_studys_new_best(matrix):
+    project, outcomes = matrix
+    before, worker, after, repro = outcomes["cifar-study run worker, then dvc repro"].results
+    old, new = json.loads(before.stdout), json.loads(after.stdout)
+    assert new["trials_complete"] == old["trials_complete"] + 2
+    # The test's premise: on this data and seed the worker's trials beat the earlier best.
+    assert new["best_trial"] != old["best_trial"], (old, new)
+    assert "Running stage 'train'" in repro.stdout, repro.stdout
+    trained = read_json(project / "metrics/train.json")
+    assert trained["lr"] == pytest.approx(new["best_params"]["train.lr"])
+    assert trained["dropout"] == pytest.approx(new["best_params"]["model.dropout"])
+    # The rerun of the tune stage ran no trial, so it left no empty study run.
+    study_runs = [r for r in outcomes["cifar-study run worker, then dvc repro"].runs
+                  if r.info.run_name.startswith("study ")]
+    assert len(study_runs) == len([r for r in outcomes["mlflow run . -e tune, then dvc repro"]
+                                   .runs if r.info.run_name.startswith("study ")]) + 1
+
+
+def test_mlflow_models_serve_answers_exactly_the_evaluated_predictions(matrix):
+    from cifar_alexnet.prepare import load_meta, load_split
+
+    project, _ = matrix
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m",
+         read_json(project / "reports/mlflow_model.json")["model_uri"],
+         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=project, env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}"),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/ping", server, 120, "mlflow models serve")
+        test = load_split(project / "data/prepared", "test")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": test.images.tolist()}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            logits = json.load(reply)["predictions"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+    names = load_meta(project / "data/prepared").class_names
+    served = [names[max(range(len(row)), key=row.__getitem__)] for row in logits]
+    evaluated = pd.read_csv(project / "reports/predictions.csv")["predicted"].tolist()
+    assert len(served) == len(evaluated) == len(test.labels)
+    assert served == evaluated  # every test image: served = evaluated
+
+
+def test_single_stage_entry_points_do_not_write_behind_dvcs_back(matrix):
+    project, _ = matrix
+    before = (project / "models/model.pt").read_bytes()
+    result = mlflow_run(project, "-e", "evaluate")
+    assert result.returncode != 0  # no such entry point: stages run through DVC
+    assert "evaluate" in result.stderr
+    assert (project / "models/model.pt").read_bytes() == before
+    assert json.loads(dvc("status", "--json", cwd=project).stdout) == {}
+
+
+def test_a_bad_override_is_refused_before_dvc_edits_params_yaml(matrix):
+    project, _ = matrix
+    before = (project / "params.yaml").read_text()
+    result = mlflow_run(project, "-P", "overrides=train.lr=-1")
+    assert result.returncode != 0
+    assert "train.lr" in result.stderr and "Traceback" not in result.stderr
+    assert (project / "params.yaml").read_text() == before
+
+
+def test_evaluating_a_model_whose_training_run_is_elsewhere_links_to_it(matrix, tmp_path):
+    """Outputs from DVC's run cache or a `dvc pull` name a training run this store may not hold:
+    evaluation gets a run of its own that links to it, and nothing is retrained."""
+    project, _ = matrix
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    trained_by = read_json(project / "models/mlflow_run.json")["run_id"]
+    reports = tmp_path / "reports"
+    result = run([sys.executable, "pipeline/evaluate.py", "--data", "data/prepared", "--model",
+                  "models", "--metrics", str(tmp_path / "evaluate.json"), "--reports",
+                  str(reports)], cwd=project, MLFLOW_TRACKING_URI=other)
+    assert result.returncode == 0, result.stderr
+    info = read_json(reports / "mlflow_model.json")
+    assert info["trained_by_run_id"] == trained_by != info["run_id"]
+    evaluation = MlflowClient(tracking_uri=other).get_run(info["run_id"])
+    assert evaluation.info.run_name.startswith("evaluate ")
+    assert evaluation.data.tags["trained_by.run_id"] == trained_by
+    assert evaluation.data.tags["dvc.stage"] == "evaluate"
+    assert "test/accuracy" in evaluation.data.metrics
+
+
+def test_mlflow_ui_in_a_real_browser_lists_the_runs_and_their_dataset(matrix, tmp_path):
+    """`mlflow ui` over the repository's store, rendered by headless Chromium at the link the
+    stages log: the runs view (not the GenAI overview) with every training and its dataset."""
+    browser = next(filter(None, map(shutil.which, ("chromium", "chromium-browser",
+                                                   "google-chrome"))), None)
+    if browser is None:
+        pytest.skip("no chromium on PATH (.ci/run install installs it)")
+    project, outcomes = matrix
+    port = free_port()
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
+         f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=project, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", ui, 90, "mlflow ui")
+        training = store(project).get_run(read_json(project / "models/mlflow_run.json")
+                                          ["run_id"])
+        link = re.search(r"with `mlflow ui`: (\S+)", outcomes["dvc repro"].results[0].stdout
+                         + outcomes["dvc repro"].results[0].stderr).group(1)
+        runs_page = re.sub(r"/runs/\w+\?", "/runs?", link).replace("127.0.0.1:5000",
+                                                                  f"127.0.0.1:{port}")
+        dom = subprocess.run(
+            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,900",
+             "--virtual-time-budget=15000", f"--user-data-dir={tmp_path / 'profile'}",
+             "--dump-dom", runs_page], capture_output=True, text=True, timeout=120).stdout
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(timeout=30)
+    # the top-level trainings (the UI folds nested runs, e.g. under `mlflow run .`, into their
+    # parent's row)
+    trainings = {r.info.run_name for r in outcomes["cifar-study run worker, then dvc repro"].runs
+                 if r.info.run_name.startswith("train ")
+                 and "mlflow.parentRunId" not in r.data.tags}
+    assert trainings and all(name in dom for name in trainings), sorted(trainings)
+    md5 = training.data.tags["data.md5"]
+    assert f"cifar10 ({md5}" in dom  # the Datasets column: name (digest = archive md5)
