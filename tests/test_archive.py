@@ -4,6 +4,8 @@ import io
 import os
 import pickle
 import re
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -76,7 +78,7 @@ def test_truncated_archive_is_reported(tmp_path, archive):
 @pytest.mark.parametrize("mutate,message", [
     (lambda rows, labels: (rows, labels[:-1]), "10 images but 9 labels"),
     (lambda rows, labels: (rows, [12] + labels[1:]), "labels must be in 0..9"),
-    (lambda rows, labels: (rows.astype(np.float32), labels), "must be a uint8 array"),
+    (lambda rows, labels: (rows.astype(np.float32), labels), "refusing dtype 'f4'"),
     (lambda rows, labels: (rows[:, :100], labels), "shape (N, 3072)"),
 ])
 def test_malformed_batches_are_rejected(tmp_path, mutate, message):
@@ -182,7 +184,7 @@ def test_member_larger_than_any_cifar_file_is_refused_before_reading(tmp_path, m
         read_archive(tmp_path / "big.tar.gz")
     # batches.meta is small; the first batch is the first member over the limit.
     assert re.search(rf"member '{ARCHIVE_DIR}/data_batch_1' claims \d+ bytes, more than any "
-                     r"CIFAR-10 file \(1000\)", str(info.value))
+                     r"CIFAR-10 file can be \(1000\)", str(info.value))
 
 
 # --- Files that are not a gzip'd tar at all ----------------------------------------------------
@@ -221,20 +223,100 @@ def test_missing_archive_and_directory_instead_of_archive(tmp_path):
     ("data_batch_1", pickle.dumps([1, 2, 3], protocol=2), "expected a dict, found list"),
     ("data_batch_1", pickle.dumps({b"data": _rows_labels()[0]}, protocol=2),
      "missing key 'labels'"),
-    # An object array loads (its elements are plain ints) but is not image data.
+    # An object array is not image data (and its elements would be unpickled objects).
     ("data_batch_1", pickle_batch(_rows_labels()[0].astype(object), _rows_labels()[1]),
-     "must be a uint8 array"),
+     "refusing dtype 'O8'"),
     ("data_batch_1", pickle_batch(_rows_labels()[0], [-1] + _rows_labels()[1][1:]),
      "labels must be in 0..9, found -1..9"),
     ("data_batch_1", pickle_batch(_rows_labels()[0], [True] * 10), "must be a list of ints"),
     ("data_batch_1", pickle_batch(_rows_labels()[0], "0123456789"), "must be a list of ints"),
     ("batches.meta", pickle.dumps({b"label_names": [b"cat"] * 9}, protocol=2),
      "expected 10 label_names"),
+    # Names become report rows: ten identical ones would collapse the report to one class.
+    ("batches.meta", pickle.dumps({b"label_names": [b"cat"] * 10}, protocol=2),
+     "label names repeat ('cat')"),
+    ("batches.meta", pickle.dumps({b"label_names": [b"ca\nt"] + [b"c%d" % i for i in range(9)]},
+                                  protocol=2), "is not a printable name"),
+    ("batches.meta", pickle.dumps({b"label_names": [b"c\0"] + [b"c%d" % i for i in range(9)]},
+                                  protocol=2), "is not a printable name"),
+    ("batches.meta", pickle.dumps({b"label_names": [b"x" * 100_000]
+                                   + [b"c%d" % i for i in range(9)]}, protocol=2),
+     "is not a printable name of 1 to 64 characters"),
 ], ids=["truncated", "other-global", "eval-in-meta", "not-a-dict", "no-labels", "object-array",
-        "negative-label", "bool-labels", "string-labels", "nine-class-names"])
+        "negative-label", "bool-labels", "string-labels", "nine-class-names",
+        "repeated-class-names", "newline-in-name", "nul-in-name", "huge-name"])
 def test_batches_that_are_not_plain_cifar_data_are_refused(tmp_path, member, blob, message):
     path = _archive_with(tmp_path, member, blob)
     with pytest.raises(DataError) as info:
         read_archive(path)
     assert f"{path}:{member}" in str(info.value) and message in str(info.value)
     assert REPLACE in str(info.value)
+
+
+# --- Archives built to exhaust memory: refused under a 2 GiB address-space limit -------------
+
+class _DirectArray:
+    """Pickles as a direct call numpy.ndarray(shape, 'u1'): uninitialised memory of any size."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    def __reduce__(self):
+        return np.ndarray, ((self.rows, 3072), "u1")
+
+
+def _zero_member_archive(path, sizes: dict[str, int]):
+    """An archive whose named members are runs of zero bytes (gzip squeezes 1 GiB to ~1 MB)."""
+    members = archive_members(per_batch=10, n_test=10)
+    with tarfile.open(path, "w:gz", compresslevel=1) as tar:
+        for name, blob in members.items():
+            info = tarfile.TarInfo(name)
+            size = sizes.get(name.split("/")[-1])
+            if size is None:
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+            else:
+                info.size = size
+                tar.addfile(info, io.BytesIO(bytes(size)))
+    return path
+
+
+_READ_UNDER_2_GIB = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+from cifar_alexnet.archive import read_archive
+from cifar_alexnet.errors import DataError
+try:
+    read_archive(sys.argv[1])
+except DataError as exc:
+    print("refused:", exc)
+"""
+
+
+@pytest.mark.parametrize("build,message", [
+    # 10 GiB of uninitialised memory from a 70 KB archive
+    (lambda p: _archive_with(p, "data_batch_1", pickle.dumps(
+        {b"data": _DirectArray(3_500_000), b"labels": [0]}, protocol=2)),
+     "refusing a direct numpy.ndarray(...) call"),
+    # small shapes would put uninitialised heap memory into train.npz
+    (lambda p: _archive_with(p, "data_batch_1", pickle.dumps(
+        {b"data": _DirectArray(10), b"labels": [0] * 10}, protocol=2)),
+     "refusing a direct numpy.ndarray(...) call"),
+    # members over what any CIFAR-10 file can be, refused from the tar header
+    (lambda p: _zero_member_archive(p / "big.tar.gz", {"data_batch_1": 65 << 20}),
+     "claims 68157440 bytes, more than any CIFAR-10 file can be"),
+    # each member plausible, the sum not
+    (lambda p: _zero_member_archive(p / "sum.tar.gz", {f"data_batch_{i}": 60 << 20
+                                                       for i in range(1, 6)}),
+     "more than CIFAR-10 can be"),
+    (lambda p: _archive_with(p, "data_batch_6", pickle_batch(*_rows_labels())),
+     "is not a CIFAR-10 batch (it has data_batch_1 to _5)"),
+], ids=["direct-ndarray-10GiB", "direct-ndarray-small", "member-over-cap", "total-over-cap",
+        "data_batch_6"])
+def test_archives_built_to_exhaust_memory_are_refused_in_one_line(tmp_path, build, message):
+    path = build(tmp_path)
+    result = subprocess.run([sys.executable, "-c", _READ_UNDER_2_GIB, str(path)],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stdout.startswith("refused:") and message in result.stdout, result.stdout

@@ -119,3 +119,43 @@ def test_an_invalid_value_is_shown_masked():
     with pytest.raises(ConfigError) as info:
         params_from_dict(raw, "params.yaml")
     assert "s3cret" not in str(info.value) and "optuna:***@db" in str(info.value)
+
+
+def test_numbers_are_read_as_dvc_reads_them(tmp_path, archive):
+    """YAML 1.2, like DVC: 1e-3 is a number (PyYAML alone reads a string), 010 is refused (PyYAML
+    alone reads octal 8, DVC reads 10)."""
+    raw = tiny_params(archive)
+    text = write_params(tmp_path / "params.yaml", raw).read_text().replace(
+        f"lr: {raw['train']['lr']}", "lr: 1e-3")
+    (tmp_path / "params.yaml").write_text(text)
+    assert load_params(tmp_path / "params.yaml").train.lr == 0.001
+    assert load_params(tmp_path / "params.yaml", ["train.lr=2E-4"]).train.lr == 0.0002
+    with pytest.raises(ConfigError, match="leading zero"):
+        load_params(tmp_path / "params.yaml", ["train.epochs=010"])
+
+
+@pytest.mark.parametrize("text,message", [
+    ("base:\n  seed: 1\nbase:\n  seed: 2\n", "key 'base' appears twice (line 3)"),
+    # a "billion laughs": nine levels of ten aliases would expand to 10**9 strings
+    ("a: &a [x, x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]\n",
+     "YAML aliases (*a) are not allowed (line 2)"),
+])
+def test_duplicate_keys_and_aliases_are_refused(tmp_path, text, message):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("section,key,value,message", [
+    ("base", "seed", 2**32, "base.seed = 4294967296 is invalid: must be in [0, 4294967295]"),
+    ("tune", "seed", 2**40, "tune.seed"),
+    ("mlflow", "experiment", "e" * 600, "at most 256 characters"),
+])
+def test_values_the_libraries_would_reject_later_are_refused_now(section, key, value, message):
+    raw = default_params()
+    raw[section][key] = value
+    with pytest.raises(ConfigError) as info:
+        params_from_dict(raw, "params.yaml")
+    assert message in str(info.value)

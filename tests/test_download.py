@@ -3,6 +3,7 @@ import http.server
 import logging
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 import pytest
@@ -105,6 +106,7 @@ class Server:
     content_length: int | None = None  # claim more than ``body`` to simulate a cut connection
     auth_headers: list = field(default_factory=list)
     url: str = ""
+    seconds_per_byte: float = 0.0  # > 0: send the body one byte at a time (a trickling mirror)
 
 
 @pytest.fixture
@@ -118,7 +120,13 @@ def server():
             length = state.content_length if state.content_length is not None else len(state.body)
             self.send_header("Content-Length", str(length))
             self.end_headers()
-            self.wfile.write(state.body)
+            if state.seconds_per_byte:
+                for byte in state.body:
+                    self.wfile.write(bytes([byte]))
+                    self.wfile.flush()
+                    time.sleep(state.seconds_per_byte)
+            else:
+                self.wfile.write(state.body)
             self.close_connection = True
 
         def log_message(self, *args):
@@ -295,3 +303,19 @@ def test_a_download_password_reaches_no_file_the_pipeline_writes(tmp_path, archi
     assert any("mlruns" in p.parts for p in written) and any(".dvc" in p.parts for p in written)
     leaks = [p for p in written if secret.encode() in p.read_bytes()]
     assert leaks == []
+
+
+def test_a_trickling_mirror_is_given_up_with_a_message(tmp_path, archive, server, monkeypatch):
+    """A byte every 20 s never trips the per-read timeout; the minimum rate does (scaled down
+    here: 1 000 bytes/s over 1 s windows, against a byte every 50 ms)."""
+    import cifar_alexnet.download as download
+
+    monkeypatch.setattr(download, "MIN_BYTES_PER_S", 1000)
+    monkeypatch.setattr(download, "RATE_WINDOW_S", 1.0)
+    server.body, server.seconds_per_byte = archive.path.read_bytes()[:120], 0.05
+    started = time.monotonic()
+    with pytest.raises(DataError) as info:
+        fetch(server.url + "/cifar.tar.gz", archive.md5, tmp_path / "archive.tar.gz")
+    assert "stalled" in str(info.value) and "another mirror" in str(info.value)
+    assert time.monotonic() - started < 10
+    assert list(tmp_path.iterdir()) == []  # nothing kept

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 
@@ -238,3 +239,42 @@ def test_killed_directory_writer_never_leaves_a_mix_of_versions(tmp_path):
     with atomic_dir(out, replaces=names) as tmp:
         (tmp / "meta.json").write_text("{}")
     assert os.listdir(tmp_path) == ["prepared"]
+
+
+_WRITER = """
+import os, signal, sys, time
+from cifar_alexnet.io import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    tmp.write_bytes(b"x" * 1000)
+    print(tmp, flush=True)
+    if sys.argv[2] == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+"""
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "train.pt"
+    killed = subprocess.run([sys.executable, "-c", _WRITER, str(target), "die"],
+                            capture_output=True, text=True, timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    leftover = Path(killed.stdout.strip())
+    assert leftover.is_file()  # SIGKILL: no cleanup could run
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(b"new")
+    assert not leftover.exists() and target.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["train.pt"]
+
+
+def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
+    target = tmp_path / "train.pt"
+    writer = subprocess.Popen([sys.executable, "-c", _WRITER, str(target), "live"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        live = Path(writer.stdout.readline().strip())
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"mine")
+        assert live.is_file()  # still being written by a running process
+    finally:
+        writer.kill()
+        writer.wait(timeout=30)

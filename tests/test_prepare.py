@@ -59,3 +59,18 @@ def test_channel_stats_in_unit_range():
     images[:, 0] = 255
     mean, std = channel_stats(images)
     assert mean == [1.0, 0.0, 0.0] and std == [0.0, 0.0, 0.0]
+
+
+def test_a_dataset_of_identical_pixels_is_refused(tmp_path, cifar):
+    """What a crafted archive of uninitialised (zeroed) arrays decodes to: mean 0, std 0."""
+    import dataclasses
+
+    from cifar_alexnet.archive import Batch
+    from cifar_alexnet.errors import DataError
+
+    flat = dataclasses.replace(cifar, train=Batch(np.zeros_like(cifar.train.images),
+                                                  cifar.train.labels))
+    with pytest.raises(DataError) as info:
+        prepare(flat, 0.1, 0, tmp_path / "prepared")
+    assert "no variation in channel(s) R, G, B" in str(info.value)
+    assert not (tmp_path / "prepared").exists()

@@ -35,21 +35,51 @@ NUM_CLASSES = 10
 OFFICIAL_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
                         "dog", "frog", "horse", "ship", "truck")
 IMAGE_SHAPE = (3, 32, 32)  # channel-major, exactly as the archive stores each 3072-byte row
-# Each official batch is ~31 MB; a member claiming more than this is not a CIFAR batch and would
-# only be read into memory to be rejected (a decompression bomb costs nothing to make).
-MAX_MEMBER_BYTES = 1 << 30
+# Caps from what CIFAR-10 is: each official batch is 31 035 704 bytes (10 000 rows of 3 072 + the
+# pickle's framing), batches.meta 158, all seven members 177 MB. A member or an archive claiming
+# more is not CIFAR-10 and would only be read into memory to be rejected (a decompression bomb
+# costs nothing to make): refused from the tar headers, before anything is decompressed into RAM.
+MAX_MEMBER_BYTES = 64 << 20
+MAX_TOTAL_BYTES = 256 << 20
 # What to do about any archive that fails these checks.
 REPLACE_HINT = ("delete it and run the download stage again, or point data.url and data.md5 at "
                 "the official cifar-10-python.tar.gz")
 
-# (module, name) pairs a CIFAR batch needs: numpy array reconstruction (numpy 1.x and 2.x module
-# paths), and _codecs.encode, which Python 3 protocol-2 pickles use to rebuild bytes objects.
+class _NdarrayType:
+    """What the unpickler hands out for ``numpy.ndarray``: a name to pass to _reconstruct, not
+    a constructor. Calling ``numpy.ndarray((N, 3072), 'u1')`` directly would allocate any amount
+    of uninitialised memory from a few bytes of pickle."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> None:  # type: ignore[misc]
+        raise pickle.UnpicklingError("refusing a direct numpy.ndarray(...) call, which is not "
+                                     "numpy's own pickle format")
+
+
+def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
+    """The one call numpy's pickles make: ``_reconstruct(ndarray, (0,), b'b')``, an empty array
+    that the pickle's BUILD then fills from its own bytes (numpy checks that their length
+    matches the shape, so the array can be no bigger than the member)."""
+    if subtype is not _NdarrayType or tuple(shape) != (0,) or typecode not in (b"b", "b"):
+        raise pickle.UnpicklingError("refusing an array reconstruction other than numpy's own "
+                                     "pickle format")
+    return np.ndarray((0,), np.uint8)
+
+
+def _dtype(name: Any, align: Any = False, copy: Any = True) -> np.dtype:
+    if name not in ("u1", b"u1") or align is not False:
+        raise pickle.UnpicklingError(f"refusing dtype {name!r}: CIFAR-10 images are uint8")
+    return np.dtype("u1")
+
+
+# The globals a CIFAR batch needs, as the restricted versions above: numpy array reconstruction
+# (numpy 1.x and 2.x module paths), and _codecs.encode, which Python 3 protocol-2 pickles use to
+# rebuild bytes objects.
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("_codecs", "encode"),
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): _NdarrayType,
+    ("numpy", "dtype"): _dtype,
+    ("_codecs", "encode"): None,  # the real one: it only turns a str into bytes
 }
 
 
@@ -57,7 +87,7 @@ class _CifarUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED_GLOBALS:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        return super().find_class(module, name)
+        return _ALLOWED_GLOBALS[module, name] or super().find_class(module, name)
 
 
 def safe_unpickle(blob: bytes, what: str) -> Any:
@@ -75,6 +105,21 @@ def safe_unpickle(blob: bytes, what: str) -> Any:
 
 def _text(value: Any) -> str:
     return value.decode("latin1") if isinstance(value, bytes) else str(value)
+
+
+MAX_CLASS_NAME = 64  # the official names are at most 10 characters ("automobile")
+
+
+def _check_class_names(names: list[str], what: str) -> None:
+    """Names become report rows, plot labels and CSV cells: distinct, printable, short."""
+    for name in names:
+        if not name or len(name) > MAX_CLASS_NAME or not name.isprintable():
+            raise DataError(f"{what}: label name {name[:40]!r} is not a printable name of 1 to "
+                            f"{MAX_CLASS_NAME} characters")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(f"{what}: label names repeat ({', '.join(map(repr, repeated))}); the "
+                        f"{NUM_CLASSES} classes need {NUM_CLASSES} distinct names")
 
 
 def _field(batch: Any, key: str, what: str) -> Any:
@@ -141,7 +186,8 @@ def _member_kind(member: tarfile.TarInfo) -> str | None:
     if not (member.isfile() or member.isdir()):
         return f"has an unknown member type ({member.type!r})"
     if member.size > MAX_MEMBER_BYTES:
-        return f"claims {member.size} bytes, more than any CIFAR-10 file ({MAX_MEMBER_BYTES})"
+        return (f"claims {member.size} bytes, more than any CIFAR-10 file can be "
+                f"({MAX_MEMBER_BYTES})")
     return None
 
 
@@ -155,6 +201,7 @@ def read_archive(path: str | Path) -> Cifar10:
     path = Path(path)
     prefix = f"{ARCHIVE_DIR}/"
     blobs: dict[str, bytes] = {}
+    total = 0
     try:
         with tarfile.open(path, "r:gz") as tar:
             for member in tar:
@@ -165,14 +212,27 @@ def read_archive(path: str | Path) -> Cifar10:
                                     f"archive is corrupt or malicious and was not read; "
                                     f"{REPLACE_HINT}")
                 name = member.name[len(prefix):] if member.name.startswith(prefix) else None
-                if member.isfile() and (name in (TEST_BATCH, META_FILE)
-                                        or re.fullmatch(r"data_batch_[1-9][0-9]*", name or "")):
+                if member.isfile() and re.fullmatch(r"data_batch_[0-9]+", name or "") \
+                        and name not in TRAIN_BATCHES:
+                    raise DataError(f"{path}: member {member.name!r} is not a CIFAR-10 batch (it "
+                                    f"has data_batch_1 to _{len(TRAIN_BATCHES)}); {REPLACE_HINT}")
+                if member.isfile() and name in (TEST_BATCH, META_FILE, *TRAIN_BATCHES):
                     if name in blobs:  # a later copy would silently shadow the first
                         raise DataError(f"{path}: member {member.name!r} appears more than once; "
                                         f"the archive is corrupt or tampered with; {REPLACE_HINT}")
+                    total += member.size
+                    if total > MAX_TOTAL_BYTES:
+                        raise DataError(f"{path}: its members claim more than {MAX_TOTAL_BYTES} "
+                                        "bytes in all, more than CIFAR-10 can be; the archive "
+                                        f"is corrupt or malicious and was not read; "
+                                        f"{REPLACE_HINT}")
                     handle = tar.extractfile(member)
                     assert handle is not None
-                    blobs[name] = handle.read()
+                    blobs[name] = handle.read(member.size + 1)
+                    if len(blobs[name]) != member.size:  # the header's size is what counts
+                        raise DataError(f"{path}: member {member.name!r} does not hold the "
+                                        f"{member.size} bytes its header claims; "
+                                        f"{REPLACE_HINT}")
     except FileNotFoundError:
         raise DataError(f"archive not found: {path}; run the download stage first") from None
     except IsADirectoryError:
@@ -200,6 +260,7 @@ def read_archive(path: str | Path) -> Cifar10:
         if not isinstance(names, list) or len(names) != NUM_CLASSES \
                 or not all(isinstance(n, (bytes, str)) for n in names):
             raise DataError(f"{path}:{META_FILE}: expected {NUM_CLASSES} label_names (strings)")
+        _check_class_names([_text(n) for n in names], f"{path}:{META_FILE}")
         train = [parse_batch(blobs[n], f"{path}:{n}") for n in train_names]
         test = parse_batch(blobs[TEST_BATCH], f"{path}:{TEST_BATCH}")
     except DataError as exc:

@@ -44,9 +44,12 @@ def _pattern(regex: str, meaning: str) -> Any:
     return field(metadata={"pattern": (regex, meaning)})
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+
+
 @dataclass(frozen=True)
 class BaseConfig:
-    seed: int = _range(0)
+    seed: int = _range(0, MAX_SEED)
 
 
 @dataclass(frozen=True)
@@ -105,7 +108,7 @@ class TuneConfig:
     direction: str = _choice("maximize", "minimize")
     sampler: str = _choice(*SAMPLERS)
     pruner: str = _choice(*PRUNERS)
-    seed: int = _range(0)
+    seed: int = _range(0, MAX_SEED)
     storage: str = _pattern(r"\S+", "an SQLAlchemy URL, e.g. sqlite:///tune/optuna.db")
     study_name: str = _pattern(r"\S.*", "a study name, or auto")
     heartbeat_seconds: int = _range(1)
@@ -130,7 +133,9 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class MlflowConfig:
-    experiment: str = _pattern(r"\S.*", "a non-empty experiment name")
+    # MLflow stores at most 256 characters (a longer name fails deep inside its store).
+    experiment: str = _pattern(r"\S.{0,255}", "a non-empty experiment name of at most 256 "
+                                              "characters")
 
 
 @dataclass(frozen=True)
@@ -261,13 +266,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"override {item!r} is invalid: expected section.key=value, "
                               "e.g. train.lr=0.01")
-        import yaml  # lazily: the training core runs where only torch is installed
         dotted, text = item.split("=", 1)
         section, key = dotted.strip().split(".", 1)
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        value = parse_yaml(text, f"override {item!r}")
         target = raw.get(section)
         if not isinstance(target, dict):
             raise ConfigError(f"override {item!r}: unknown section '{section}'; allowed sections "
@@ -281,18 +282,58 @@ def split_override_string(text: str | None) -> list[str]:
     return [part.strip() for part in (text or "").split(",") if part.strip()]
 
 
+def parse_yaml(text: str, what: str) -> Any:
+    """YAML as DVC reads it (YAML 1.2 numbers: ``1e-3`` is a float, ``010`` is refused rather than
+    read as octal 8), without duplicate keys or aliases (which DVC refuses, and which could
+    expand a few lines into gigabytes)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ConfigError(f"{what}: YAML aliases (*{event.anchor}) are not allowed "
+                                  f"(line {event.start_mark.line + 1}); write the value out")
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                if key in seen:
+                    raise ConfigError(f"{what}: key {key!r} appears twice (line "
+                                      f"{key_node.start_mark.line + 1}); keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+        def construct_yaml_int(self, node: Any) -> int:
+            digits = self.construct_scalar(node).replace("_", "").lstrip("+-")
+            if len(digits) > 1 and digits.startswith("0") and digits.isdigit():
+                raise ConfigError(f"{what}: {node.value!r} (line {node.start_mark.line + 1}) "
+                                  "has a leading zero, which YAML 1.1 reads as octal and DVC as "
+                                  "decimal; write it without")
+            return super().construct_yaml_int(node)
+
+    StrictLoader.add_constructor("tag:yaml.org,2002:int", StrictLoader.construct_yaml_int)
+    # YAML 1.2 floats that YAML 1.1 (PyYAML) leaves as strings: 1e-3, 5E4, 1.e-3.
+    StrictLoader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+        list("-+0123456789"))
+    try:
+        return yaml.load(text, Loader=StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} is not valid YAML: {exc}") from None
+
+
 def load_params(path: str | Path = "params.yaml", overrides: Sequence[str] = ()) -> Params:
     """Read, override and validate params; raise ConfigError naming the file and key."""
-    import yaml
     path = Path(path)
     try:
         text = path.read_text()
     except OSError as exc:
         raise ConfigError(f"cannot read params file {path}: {exc.strerror}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    raw = parse_yaml(text, str(path))
     if isinstance(raw, dict):
         raw = apply_overrides({k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()},
                               overrides)

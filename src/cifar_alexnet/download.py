@@ -8,6 +8,7 @@ import http.client
 import logging
 import netrc
 import os
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -24,6 +25,9 @@ from .redact import redact_url
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+# A download slower than this over a whole window is given up (CIFAR-10 is 163 MB: 16 KiB/s
+# would already take 3 hours).
+MIN_BYTES_PER_S, RATE_WINDOW_S = 16 * 1024, 60.0
 
 
 def md5sum(path: str | Path) -> str:
@@ -125,17 +129,31 @@ def _open_source(url: str) -> tuple[BinaryIO, int | None]:
 
 
 def _chunks(source: BinaryIO, shown: str, size: int | None) -> Iterator[bytes]:
-    """Read ``source`` to the end; a broken or short transfer is a DataError, not a bad md5."""
+    """Read ``source`` to the end; a broken, short or stalled transfer is a DataError, not a bad
+    md5. Stalled: under MIN_BYTES_PER_S over a RATE_WINDOW_S window (a mirror trickling a byte
+    every 20 s never trips the per-read timeout, and would take years)."""
     received = 0
+    read = getattr(source, "read1", source.read)  # what has arrived, not a full CHUNK
+    window_start, window_bytes = time.monotonic(), 0
     while True:
         try:
-            chunk = source.read(CHUNK)
+            chunk = read(CHUNK)
         except (OSError, http.client.HTTPException) as exc:
             raise DataError(f"download of {shown} was interrupted after {received} bytes "
                             f"({type(exc).__name__}: {exc}); run the stage again") from None
         if not chunk:
             break
         received += len(chunk)
+        window_bytes += len(chunk)
+        elapsed = time.monotonic() - window_start
+        if elapsed >= RATE_WINDOW_S:
+            if window_bytes < MIN_BYTES_PER_S * elapsed:
+                raise DataError(
+                    f"download of {shown} stalled: {window_bytes} bytes in the last "
+                    f"{elapsed:.0f} s (below {MIN_BYTES_PER_S // 1024} KiB/s), {received} bytes "
+                    "in all; try again later or another mirror, or fetch the archive elsewhere "
+                    "and set data.url to its path")
+            window_start, window_bytes = time.monotonic(), 0
         yield chunk
     if size is not None and received < size:
         raise DataError(f"download of {shown} was interrupted: got {received} of {size} bytes; "

@@ -108,9 +108,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     existed = path.exists()
+    _remove_dead_writers_files(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # The writer's pid in the name: a later run can tell a dead writer's file from a live one.
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp",
+                                        dir=path.parent)
         os.close(fd)
     except OSError as exc:
         raise _write_error(path, exc, path, existed) from None
@@ -134,6 +137,30 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 
 _STALE_TEMP = re.compile(r"^\..+\.tmp$")  # left inside an output directory by a killed writer
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # e.g. EPERM: it exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_dead_writers_files(path: Path) -> None:
+    """Delete the temporary files of ``path`` that a killed writer left (a checkpoint is ~1 GB,
+    a download up to 170 MB): the ``.<name>.<pid>-<random>.tmp`` files :func:`atomic_path`
+    makes whose process no longer exists. A live writer's file (its pid is running) stays."""
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(\d+)-[A-Za-z0-9_]{{8}}\.tmp$")
+    with contextlib.suppress(OSError):
+        for stale in path.parent.iterdir():
+            match = pattern.match(stale.name)
+            if match and not _pid_alive(int(match[1])) and stale.is_file() \
+                    and not stale.is_symlink():
+                log.info("removing %s, left by an interrupted earlier run", stale)
+                stale.unlink(missing_ok=True)
 
 
 def _remove_stale_versions(path: Path) -> None:

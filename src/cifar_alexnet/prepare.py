@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from .archive import NUM_CLASSES, Batch, Cifar10
+from .archive import NUM_CLASSES, REPLACE_HINT, Batch, Cifar10
 from .errors import DataError
 from .io import atomic_dir, atomic_path, read_json, write_json
 
@@ -69,6 +69,11 @@ def prepare(data: Cifar10, val_size: float, seed: int, out_dir: str | Path,
         "test": data.test,
     }
     mean, std = channel_stats(splits["train"].images)
+    flat = [channel for channel, s in zip("RGB", std) if s == 0]
+    if flat:  # normalising by a zero std divides by zero; no real photograph set is this
+        raise DataError(f"the training images have no variation in channel(s) "
+                        f"{', '.join(flat)} (every pixel the same): not real images; the archive "
+                        f"is corrupt or crafted; {REPLACE_HINT}")
     meta = DatasetMeta(data.class_names, tuple(mean), tuple(std),
                        {name: int(len(b.labels)) for name, b in splits.items()})
     # The arrays and the meta.json describing them are replaced together: a failed or killed
