@@ -319,3 +319,18 @@ def test_a_trickling_mirror_is_given_up_with_a_message(tmp_path, archive, server
     assert "stalled" in str(info.value) and "another mirror" in str(info.value)
     assert time.monotonic() - started < 10
     assert list(tmp_path.iterdir()) == []  # nothing kept
+
+
+def test_an_interrupted_downloads_partial_file_is_removed_even_when_nothing_is_downloaded(
+        tmp_path, archive):
+    import subprocess
+    import sys
+
+    dest = tmp_path / "archive.tar.gz"
+    fetch(archive.url, archive.md5, dest)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    partial = tmp_path / f".archive.tar.gz.{dead}-abcd1234.tmp"  # as atomic_path names it
+    partial.write_bytes(b"x" * 1000)
+    fetch(archive.url, archive.md5, dest)  # already verified: nothing is downloaded...
+    assert not partial.exists()  # ...and the dead writer's partial file is gone

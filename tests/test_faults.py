@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from conftest import ROOT, Archive, stage_script, subprocess_env, tiny_params, write_params
 from cifar_alexnet.archive import ARCHIVE_DIR, read_archive
@@ -329,3 +330,92 @@ def test_prepare_on_a_read_only_file_system_keeps_the_previous_dataset(project):
         "error: cannot write disk/prepared: Read-only file system; the file system is read-only; "
         "choose another output directory; the previous disk/prepared is unchanged")
     assert snapshot(after) == before
+
+
+# --- The tracking store, checkpoints and the model file damaged or unwritable ------------------
+
+TRAIN_ARGS = ("--params", "params.yaml", "--data", "data/prepared", "--out", "models",
+              "--metrics", "metrics/train.json", "--history", "metrics/history.csv",
+              "--checkpoint", "checkpoints/train.pt")
+
+
+def test_a_damaged_mlflow_db_is_named_with_the_fix(project):
+    (project / "mlflow.db").write_bytes(b"SQLite format 3\0" + b"\xff" * 2000)  # truncated
+    result = run_stage("train", *TRAIN_ARGS, cwd=project)
+    line = error_line(result)
+    assert f"cannot open the MLflow store sqlite:///{project}/mlflow.db" in line
+    assert "Move it away" in line
+    assert not (project / "models").exists()
+
+
+def test_an_unwritable_artifact_store_is_named(project):
+    (project / "mlruns").write_text("a file where MLflow's artifact directory should be")
+    result = run_stage("train", *TRAIN_ARGS, cwd=project)
+    line = error_line(result)
+    assert f"cannot write MLflow artifacts to file://{project}/mlruns/" in line
+    assert not (project / "models").exists()
+
+
+def test_a_checkpoint_that_cannot_be_written_is_named_and_the_run_closed(project):
+    # 2 MB: room for the MLflow database (< 1 MB), not for a 3.7 MB checkpoint
+    result = run_stage("train", *TRAIN_ARGS, cwd=project, fsize=2 << 20)
+    line = error_line(result)
+    assert "cannot write checkpoints/train.pt: torch.save could not write it" in line
+    assert "ulimit -f" in line
+    assert not list((project / "checkpoints").glob(".*.tmp"))
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert [r.info.status for r in runs] == ["FAILED"]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "pickled code"])
+def test_a_damaged_model_file_is_named_by_evaluate(project, damage, tmp_path):
+    model = project / "models/model.pt"
+    model.parent.mkdir()
+    marker = tmp_path / "pwned"
+    if damage == "truncated":
+        import torch
+
+        torch.save({"model_state": {"w": torch.zeros(1000)}}, model)
+        model.write_bytes(model.read_bytes()[:300])
+    else:
+        class Evil:
+            def __reduce__(self):
+                return (os.system, (f"touch {marker}",))
+        model.write_bytes(pickle.dumps({"model_state": Evil()}))
+    result = run_stage("evaluate", "--params", "params.yaml", "--data", "data/prepared",
+                       "--model", "models", "--metrics", "metrics/evaluate.json", "--reports",
+                       "reports", cwd=project)
+    line = error_line(result)
+    assert "models/model.pt cannot be loaded as this pipeline's model" in line
+    assert "dvc checkout models" in line
+    assert not marker.exists() and not (project / "reports").exists()
+
+
+@pytest.mark.slow
+def test_an_unreadable_checkpoint_closes_the_run_it_would_have_resumed(project):
+    from mlflow import MlflowClient
+
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    raw["train"]["epochs"] = 40
+    write_params(project / "params.yaml", raw)
+    command = [sys.executable, str(ROOT / "pipeline/train.py"), *TRAIN_ARGS]
+    training = subprocess.Popen(command, cwd=project, env=subprocess_env(),
+                                stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in training.stderr:
+        if "epoch 2/40" in line:
+            training.kill()  # SIGKILL: the run stays RUNNING, the checkpoint would resume it
+            break
+    training.wait(timeout=60)
+    checkpoint = project / "checkpoints/train.pt"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])  # and then the checkpoint is damaged
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (killed,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert killed.info.status == "RUNNING"
+    raw["train"]["epochs"] = 2
+    write_params(project / "params.yaml", raw)
+    result = run_stage("train", *TRAIN_ARGS, cwd=project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert client.get_run(killed.info.run_id).info.status == "KILLED"

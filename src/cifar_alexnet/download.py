@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from .config import DATA_PASSWORD_ENV, DATA_URL_ENV, DATA_USER_ENV
 from .errors import DataError
-from .io import atomic_path
+from .io import atomic_path, remove_dead_writers_files
 from .redact import redact_url
 
 log = logging.getLogger(__name__)
@@ -169,6 +169,7 @@ def fetch(url: str, md5: str, dest: str | Path) -> Path:
     """
     dest = Path(dest)
     md5 = md5.lower()
+    remove_dead_writers_files(dest)  # an interrupted earlier download's partial file
     if dest.is_file():
         found = md5sum(dest)
         if found == md5:

@@ -108,7 +108,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     existed = path.exists()
-    _remove_dead_writers_files(path)
+    remove_dead_writers_files(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The writer's pid in the name: a later run can tell a dead writer's file from a live one.
@@ -149,7 +149,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_dead_writers_files(path: Path) -> None:
+def remove_dead_writers_files(path: Path) -> None:
     """Delete the temporary files of ``path`` that a killed writer left (a checkpoint is ~1 GB,
     a download up to 170 MB): the ``.<name>.<pid>-<random>.tmp`` files :func:`atomic_path`
     makes whose process no longer exists. A live writer's file (its pid is running) stays."""

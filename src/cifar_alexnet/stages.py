@@ -94,6 +94,10 @@ def resumable_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] 
         checkpoint = load_checkpoint(path)
     except Exception as exc:  # torch.load raises many types for a damaged or foreign file
         log.warning("not resuming: %s cannot be read (%s); starting from epoch 1", path, exc)
+        closed = tracking.close_runs_of_checkpoint(path)
+        if closed:
+            log.info("marked the MLflow run(s) it would have resumed KILLED: %s",
+                     ", ".join(closed))
         return None
     if checkpoint.get("fingerprint") != fingerprint:
         log.warning("not resuming: %s was written by a training with other params or code; "
@@ -131,6 +135,8 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
     resume = checkpoint if checkpoint and checkpoint["epoch"] > 0 else None
 
     tags = {**tracking.lineage_tags("train", params.data.md5), **tune_tags}
+    if checkpoint_path is not None:
+        tags[tracking.CHECKPOINT_TAG] = str(checkpoint_path.resolve())
     if resume is not None:
         tags["resumed_from_epoch"] = str(resume["epoch"])
     with tracking.training_run(params, tags, continue_run_id=checkpoint
@@ -190,9 +196,17 @@ def load_trained_model(model_dir: Path) -> tuple[Classifier, dict[str, Any]]:
     path = model_dir / MODEL_FILE
     if not path.is_file():
         raise DataError(f"{path} not found; run the train stage first (dvc repro train)")
-    payload = load_checkpoint(path)
-    model = build_model(ModelConfig(**payload["model_config"]))
-    model.load_state_dict(payload["model_state"])  # also restores the normalisation buffers
+    try:
+        payload = load_checkpoint(path)  # weights only: a pickled payload is never run
+        model = build_model(ModelConfig(**payload["model_config"]))
+        model.load_state_dict(payload["model_state"])  # also restores the normalisation buffers
+        payload["mlflow_run_id"]  # noqa: B018 (evaluate needs it: fail here, not half-way)
+    except Exception as exc:  # torch.load raises many types for damaged or foreign files
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        raise DataError(
+            f"{path} cannot be loaded as this pipeline's model ({type(exc).__name__}: {reason}): "
+            "it is truncated, damaged or not written by the train stage. Restore it with "
+            "`dvc checkout models` or retrain with `dvc repro --force train`") from None
     return model, payload
 
 

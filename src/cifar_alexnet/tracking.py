@@ -9,6 +9,7 @@ from the repository shows every run.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import mlflow
 import numpy as np
@@ -110,11 +111,30 @@ def _unavailable(exc: Exception, after: str = "") -> TrackingUnavailable:
         "trial is run again")
 
 
+_checked: set[str] = set()  # stores this process has already found usable
+
+
 def check_store() -> None:
-    """Fail in seconds, naming the URI, when a tracking server does not answer."""
+    """Fail in seconds with one line naming the store when it cannot be used: a tracking server
+    that does not answer, a damaged or foreign database file."""
     uri = mlflow.get_tracking_uri()
-    if not uri.startswith(("http://", "https://")):
+    if uri in _checked:
         return
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
+    elif uri.startswith("sqlite:"):
+        try:
+            mlflow.MlflowClient().search_experiments(max_results=1)
+        except Exception as exc:  # SQLAlchemy/sqlite raise their own types, MLflow wraps some
+            reason = str(exc).strip().splitlines()[0][:200]
+            raise PipelineError(
+                f"cannot open the MLflow store {redact_url(uri)} ({reason}): the database file is "
+                "damaged or not an MLflow store. Move it away (a new one is created) or restore "
+                "it from a backup, or set MLFLOW_TRACKING_URI to another store") from None
+    _checked.add(uri)
+
+
+def _check_server(uri: str) -> None:
     url = uri.rstrip("/") + "/health"
     try:
         with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S):  # noqa: S310 (http only)
@@ -165,7 +185,7 @@ def public_params(params: Params) -> dict[str, Any]:
 def _log_params(params: Params) -> None:
     tree = public_params(params)
     mlflow.log_params(flatten(tree))
-    mlflow.log_dict(tree, "params/effective_params.json")
+    log_dict(tree, "params/effective_params.json")
 
 
 def use_default_store() -> bool:
@@ -177,6 +197,7 @@ def use_default_store() -> bool:
     configured = os.environ.get("MLFLOW_TRACKING_URI")
     if not configured:
         mlflow.set_tracking_uri(default)
+    check_store()
     return configured in (None, "", default)
 
 
@@ -196,7 +217,6 @@ def invocation_run() -> str | None:
 
 def _set_experiment(params: Params) -> None:
     default_store = use_default_store()
-    check_store()
     parent = invocation_run()
     if parent:  # the experiment `mlflow run` was given
         experiment = mlflow.set_experiment(
@@ -418,31 +438,68 @@ def mark_killed(run_ids: Sequence[str]) -> list[str]:
     return changed
 
 
+CHECKPOINT_TAG = "checkpoint_path"  # on a training run: the checkpoint that can resume it
+
+
+def close_runs_of_checkpoint(path: Path) -> list[str]:
+    """Mark KILLED the RUNNING training runs that ``path`` was the checkpoint of: when the
+    checkpoint cannot be read, nothing will ever resume them."""
+    use_default_store()
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    if not experiments:
+        return []
+    runs = client.search_runs(experiments, filter_string=(
+        f"tags.{CHECKPOINT_TAG} = '{path.resolve()}' and attributes.status = 'RUNNING'"))
+    return mark_killed([r.info.run_id for r in runs])
+
+
 def log_metrics(metrics: dict[str, float], prefix: str = "", step: int | None = None) -> None:
     mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()}, step=step)
 
 
+def _artifact_write(log_function: Callable[..., Any]) -> Callable[..., Any]:
+    """A local artifact store that is read-only or full raises OSError: one line instead."""
+    @functools.wraps(log_function)
+    def logged(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return log_function(*args, **kwargs)
+        except OSError as exc:
+            where = mlflow.get_artifact_uri() if mlflow.active_run() else "the artifact store"
+            raise TrackingUnavailable(
+                f"cannot write MLflow artifacts to {redact_url(where)}: {exc.strerror or exc}"
+                f"{f' ({exc.filename})' if exc.filename else ''}; make it writable or free "
+                "space there, then run the stage again") from None
+    return logged
+
+
+@_artifact_write
 def log_text(text: str, artifact_file: str) -> None:
     mlflow.log_text(text, artifact_file)
 
 
+@_artifact_write
 def log_dict(data: dict[str, Any], artifact_file: str) -> None:
     mlflow.log_dict(data, artifact_file)
 
 
+@_artifact_write
 def log_figure(figure: Figure, artifact_file: str) -> None:
     mlflow.log_figure(figure, artifact_file)
 
 
+@_artifact_write
 def log_image(image: np.ndarray, artifact_file: str) -> None:
     mlflow.log_image(image, artifact_file=artifact_file)
 
 
+@_artifact_write
 def log_files(paths: Sequence[str | Path], artifact_dir: str) -> None:
     for path in paths:
         mlflow.log_artifact(str(path), artifact_dir)
 
 
+@_artifact_write
 def log_model(model: torch.nn.Module, example_images: np.ndarray) -> str:
     """Log the model (pt2 format: no pickle) with a signature and an input example.
 

@@ -7,9 +7,11 @@ callbacks. The dataset lives on the training device whole and batches are augmen
 from __future__ import annotations
 
 import copy
+import errno
 import logging
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -293,7 +295,26 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:
+            # torch's C++ writer reports a failed write as "basic_ios::clear" or "file write
+            # failed", without the OS error: say what it nearly always is.
+            raise OSError(_likely_write_errno(Path(tmp).parent),
+                          f"torch.save could not write it ({str(exc).splitlines()[0][:120]})",
+                          str(path)) from None
+
+
+def _likely_write_errno(directory: Path) -> int:
+    """Why a write failed when the library does not say: a full disk, a file size limit, or
+    (neither) an I/O error."""
+    import resource
+
+    if shutil.disk_usage(directory).free < (64 << 20):
+        return errno.ENOSPC
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return errno.EFBIG
+    return errno.EIO
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
