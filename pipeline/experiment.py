@@ -11,7 +11,7 @@ import sys
 
 from cifar_alexnet.cli import run_stage
 from cifar_alexnet.config import load_params, split_override_string
-from cifar_alexnet.tune import DROPOUT, LR
+from cifar_alexnet.best_params import DROPOUT, LR
 
 
 def main() -> None:

@@ -1,3 +1,6 @@
+"""The official CIFAR-10 archive format, read safely: layout, pickles that must not run, members and
+sizes that must not be read."""
+
 import collections
 import gzip
 import io

@@ -1,3 +1,6 @@
+"""The GPU benchmark's pieces, checked on CPU: FLOP counts, device peaks, and a baseline that feeds
+the network what the trainer feeds it."""
+
 import dataclasses
 import itertools
 import json

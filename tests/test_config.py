@@ -1,3 +1,6 @@
+"""params.yaml into typed config: every key validated, read as DVC reads it, errors that name the key
+and the fix."""
+
 import dataclasses
 
 import pytest

@@ -1,3 +1,6 @@
+"""The download stage's fetch: md5 verification, local paths and file:// URLs, HTTP through a loopback
+server, credentials, stalls."""
+
 import base64
 import http.server
 import logging

@@ -1,3 +1,5 @@
+"""Test-split metrics and reports: values checked against hand computation, files named by class."""
+
 import json
 
 import numpy as np

@@ -1,3 +1,6 @@
+"""check-metrics: two metric files or a spec over several runs, tolerances, exit status, the Markdown
+table."""
+
 import json
 import subprocess
 import sys

@@ -1,3 +1,5 @@
+"""The AlexNet family: shapes, widths, normalisation layers, the paper's 227x227 variant and its init."""
+
 import pytest
 import torch
 from torch import nn

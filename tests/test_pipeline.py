@@ -237,3 +237,20 @@ def test_bad_archive_with_matching_md5_stops_prepare(archive, tmp_path, kind):
     assert "Traceback" not in result.stderr
     assert not marker.exists()
     assert_nothing_downstream(project)
+
+
+def test_editing_a_tool_module_reruns_nothing_and_editing_tune_reruns_only_tune(repro):
+    project, _ = repro
+    package = project / "src/cifar_alexnet"
+    originals = {name: (package / name).read_text()
+                 for name in ("bench.py", "synthetic.py", "metrics_check.py", "tune.py")}
+    try:
+        for name in ("bench.py", "synthetic.py", "metrics_check.py"):
+            (package / name).write_text(originals[name] + "\n# edited\n")
+        assert json.loads(dvc("status", "--json", cwd=project).stdout) == {}
+        (package / "tune.py").write_text(originals["tune.py"] + "\n# edited\n")
+        assert set(json.loads(dvc("status", "--json", cwd=project).stdout)) == {"tune"}
+    finally:
+        for name, text in originals.items():
+            (package / name).write_text(text)
+    assert json.loads(dvc("status", "--json", cwd=project).stdout) == {}

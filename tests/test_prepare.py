@@ -1,3 +1,6 @@
+"""The prepare stage: seeded stratified split, train-only statistics, reproducible output, degenerate
+data refused."""
+
 import json
 
 import numpy as np

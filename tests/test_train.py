@@ -1,3 +1,6 @@
+"""The training core: learning, bit-identical CPU runs, checkpoints, divergence, resume equal to an
+uninterrupted run."""
+
 import dataclasses
 
 import pytest

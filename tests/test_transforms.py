@@ -1,3 +1,5 @@
+"""Batched random crop and flip: equal to a per-image reference, independent per image, seeded."""
+
 import torch
 import torch.nn.functional as F
 

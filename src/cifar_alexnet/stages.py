@@ -21,16 +21,17 @@ from torchvision.utils import make_grid
 
 from . import tracking
 from .config import ModelConfig, Params
+from .best_params import load_best_params, tuned_params
 from .errors import DataError
 from .evaluate import evaluate_logits, write_reports
 from .io import write_json, write_text
 from .model import Classifier, FlipTTA, build_model, count_parameters, summary
 from .plots import history_figure, save as save_figure
 from .prepare import load_meta, load_split
+from .sources import module_files
 from .train import (HISTORY_FIELDS, Accel, fit, load_checkpoint, predict, resolve_device, save_checkpoint,
                     seed_everything, to_device)
 from .transforms import random_crop_flip
-from .tune import load_best_params, tuned_params
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +73,22 @@ def apply_best_params(params: Params, best_params_path: Path | None,
         "tune.best_trial": str(info.get("best_trial"))}
 
 
+# The modules whose code decides what training computes (and so whether a checkpoint may be
+# resumed); with everything they import (sources.module_files).
+TRAINING_CORE = ("train", "model", "prepare")
+
+
 def training_fingerprint(params: Params) -> str:
     """Hash of what training depends on (the train stage's params in dvc.yaml, the data) and of
-    this package's code: a checkpoint is resumed only by the training it came from."""
+    the training core's code: a checkpoint is resumed only by the training it came from, and an
+    edit elsewhere (tracking, the benchmark, CI tools) does not discard it."""
     tree = params.to_dict()
     relevant = {"base": tree["base"], "model": tree["model"], "train": tree["train"],
                 "data": {k: tree["data"][k] for k in ("md5", "val_size")},
                 "evaluate.batch_size": tree["evaluate"]["batch_size"],
                 "mlflow": tree["mlflow"]}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
-    for source in sorted(Path(__file__).parent.glob("*.py")):
+    for source in module_files(*TRAINING_CORE):
         digest.update(source.read_bytes())
     return digest.hexdigest()
 

@@ -27,7 +27,8 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from . import tracking
-from .config import Params, params_from_dict
+from .best_params import BEST_PARAMS_FILE, DROPOUT, LR, tuned_params, write_best_params
+from .config import Params
 from .errors import ConfigError, PipelineError
 from .io import write_json, write_text
 from .model import build_model
@@ -56,11 +57,9 @@ class _OutageWithoutTraceback(logging.Filter):
 
 logging.getLogger("optuna.study._optimize").addFilter(_OutageWithoutTraceback())
 
-# Optuna parameter names are the params.yaml keys they set.
-LR, DROPOUT = "train.lr", "model.dropout"
 STORAGE_ENV = "CIFAR_TUNE_STORAGE"
-BEST_PARAMS_FILE, SUMMARY_FILE, STUDY_FILE, TRIALS_FILE, PLOTS_DIR = (
-    "best_params.yaml", "summary.json", "study.json", "trials.csv", "plots")
+SUMMARY_FILE, STUDY_FILE, TRIALS_FILE, PLOTS_DIR = (
+    "summary.json", "study.json", "trials.csv", "plots")
 GRACE_HEARTBEATS = 3  # a RUNNING trial whose heartbeat is this many intervals old is dead
 MAX_RETRIES = 3
 STORAGE_ATTEMPTS = 4
@@ -191,17 +190,6 @@ def reseed(study: optuna.Study, params: Params, worker_id: int = 0) -> None:
     finished = progress(study).finished
     seed = (params.tune.seed + finished + 1_000_003 * worker_id) % 2**32  # numpy: 32 bits
     study.sampler = make_sampler(params, seed)
-
-
-def tuned_params(params: Params, values: Mapping[str, float],
-                 source: str = "tuned params") -> Params:
-    """``params`` with the tuned keys (``train.lr``, ``model.dropout``) set from ``values``,
-    validated like params.yaml (a hand-edited best-params file cannot smuggle in dropout 1.2)."""
-    raw = params.to_dict()
-    for key, value in values.items():
-        section, name = key.split(".", 1)
-        raw[section][name] = value
-    return params_from_dict(raw, source=source)
 
 
 # --- trial bookkeeping -------------------------------------------------------------------------
@@ -460,8 +448,6 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path,
                   log_to_mlflow: bool = True) -> dict[str, Any]:
     """best_params.yaml, summary.json, study.json, trials.csv and plots/ under ``out_dir``, all
     rewritten from the study's current state; logged to the active MLflow run."""
-    import yaml
-
     summary = summarize(study, params)
     if summary["best_trial"] is None:  # raised inside the study run: it is marked FAILED
         state = progress(study)
@@ -472,12 +458,9 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path,
             "tune.epochs_per_trial")
     write_trials_csv(study, out_dir / TRIALS_FILE)
     plots = write_plots(study, out_dir / PLOTS_DIR)
-    best = {"study_name": summary["study_name"], "best_trial": summary["best_trial"],
-            "metric": summary["metric"], "best_value": summary["best_value"],
-            "params": _nested(summary["best_params"])}
-    write_text(out_dir / BEST_PARAMS_FILE,
-               "# Written by the tune stage; the train stage uses these over params.yaml.\n"
-               + yaml.safe_dump(best, sort_keys=False))
+    write_best_params(out_dir / BEST_PARAMS_FILE, summary["best_params"],
+                      summary["study_name"], summary["best_trial"], summary["metric"],
+                      summary["best_value"])
     write_summary(out_dir, summary)
     if log_to_mlflow:
         tracking.log_files([out_dir / BEST_PARAMS_FILE, out_dir / SUMMARY_FILE,
@@ -488,12 +471,7 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path,
 
 def write_disabled(out_dir: Path) -> None:
     """tune.n_trials: 0. Empty best params (training uses params.yaml), a summary that says so."""
-    import yaml
-
-    write_text(out_dir / BEST_PARAMS_FILE,
-               "# tune.n_trials is 0: tuning is off and training uses params.yaml alone.\n"
-               + yaml.safe_dump({"study_name": None, "best_trial": None, "params": {}},
-                                sort_keys=False))
+    write_best_params(out_dir / BEST_PARAMS_FILE, {}, None, None)
     write_summary(out_dir, {"study_name": None, "trials_complete": 0,
                             "note": "tune.n_trials is 0; tuning skipped"})
     write_text(out_dir / TRIALS_FILE, "")
@@ -508,14 +486,6 @@ def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
     words = {k: v for k, v in summary.items() if isinstance(v, str) or k == "study_name"}
     write_json(out_dir / SUMMARY_FILE, numbers)
     write_json(out_dir / STUDY_FILE, words)
-
-
-def _nested(flat: Mapping[str, float]) -> dict[str, dict[str, float]]:
-    tree: dict[str, dict[str, float]] = {}
-    for key, value in flat.items():
-        section, name = key.split(".", 1)
-        tree.setdefault(section, {})[name] = float(value)
-    return tree
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> None:
@@ -556,26 +526,3 @@ def write_plots(study: optuna.Study, plot_dir: Path) -> list[Path]:
         save_figure(figure, plot_dir / name)
         written.append(plot_dir / name)
     return written
-
-
-def load_best_params(path: Path) -> tuple[dict[str, float], dict[str, Any]]:
-    """Read tune/best_params.yaml: (flat values to apply, info for tags)."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise PipelineError(f"cannot read {path}: {exc.strerror}; run the tune stage "
-                            "(dvc repro tune)") from None
-    except yaml.YAMLError as exc:
-        raise PipelineError(f"{path} is not valid YAML ({exc}); rerun the tune stage "
-                            "(dvc repro --force tune)") from None
-    tree = (data or {}).get("params") or {}
-    flat = {f"{section}.{key}": value for section, values in tree.items()
-            for key, value in values.items()}
-    unknown = set(flat) - {LR, DROPOUT}
-    if unknown:
-        raise PipelineError(f"{path}: unexpected tuned key(s) {', '.join(sorted(unknown))}; "
-                            "only train.lr and model.dropout are tuned")
-    info = {k: data.get(k) for k in ("study_name", "best_trial", "best_value")} if data else {}
-    return flat, info
