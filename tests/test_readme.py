@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cifar_alexnet.config import load_params
+from cifar_alexnet.config import load_params, split_override_string
 from conftest import ROOT, dvc, make_project, run, tiny_params
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -26,14 +26,20 @@ def shell_commands(path: Path) -> list[str]:
 
 
 def overrides(command: str) -> list[str]:
-    words = shlex.split(command.replace("<printed md5>", "f" * 32))
-    return [words[i + 1] for i, word in enumerate(words[:-1]) if word == "-S"]
+    """The params a command sets: `dvc exp run -S k=v`, `mlflow run -P overrides=k=v,k=v`."""
+    words = shlex.split(command.replace("<printed md5>", "f" * 32).replace("…", "1"))
+    found = [words[i + 1] for i, word in enumerate(words[:-1]) if word == "-S"]
+    for i, word in enumerate(words[:-1]):
+        if word == "-P" and words[i + 1].startswith("overrides="):
+            found += split_override_string(words[i + 1].removeprefix("overrides="))
+    return found
 
 
 def test_every_documented_override_is_a_valid_param():
-    documented = {path.name: [o for c in shell_commands(path) if c.startswith("dvc exp run")
-                              for o in overrides(c)] for path in DOCS}
-    assert sum(map(len, documented.values())) >= 10, documented  # the parser found them
+    documented = {path.name: [o for c in shell_commands(path)
+                              if c.startswith(("dvc exp run", "mlflow run")) for o in overrides(c)]
+                  for path in DOCS}
+    assert sum(map(len, documented.values())) >= 15, documented  # the parser found them
     for name, items in documented.items():
         for item in items:
             load_params(ROOT / "params.yaml", [item])  # raises ConfigError naming the key
