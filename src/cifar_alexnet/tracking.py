@@ -387,12 +387,14 @@ def evaluation_run(params: Params, trained_run_id: str, tags: dict[str, str],
 
 @contextlib.contextmanager
 def study_run(params: Params, study_name: str, tags: dict[str, str],
-              worker_id: int = 0) -> Iterator[str]:
+              worker_id: int = 0, first_trial: int = 0) -> Iterator[str]:
     """The parent run of one tuning invocation (one per worker process), named after the study
     and the invocation: a study grown by several invocations has one run per invocation."""
     _set_experiment(params)
+    # Each invocation runs trials from a different point (and concurrent workers have distinct
+    # ids), so the name is unique even for two invocations within one second.
     worker = f" worker {worker_id}" if worker_id else ""
-    with _run(run_name=f"study {study_name} {run_label()}{worker}",
+    with _run(run_name=f"study {study_name} {run_label()} from trial {first_trial}{worker}",
               tags={**tags, "optuna.study_name": study_name}) as run:
         _log_params(params)
         log.info("MLflow parent run %s for study %s in %s; with `mlflow ui`: %s",

@@ -362,7 +362,8 @@ def run_study(params: Params, prepared_dir: Path, out_dir: Path | None = None,
              f"topping up to {target} finished trials" if target is not None
              else f"running {n_trials} trials in this worker")
     tags = tracking.lineage_tags("tune", params.data.md5)
-    with tracking.study_run(params, name, tags, worker_id):
+    first = progress(study).finished
+    with tracking.study_run(params, name, tags, worker_id, first_trial=first):
         objective = Objective(params, prepared_dir, name, tracking.active_run_id())
         tracking.log_dataset(params.data.url, params.data.md5, objective.meta.sizes, "tuning")
         ran = 0
