@@ -334,11 +334,10 @@ def test_two_workers_share_a_study_on_postgresql(archive, prepared, tmp_path):
 
 
 def test_storage_passwords_never_reach_mlflow_or_the_summary(archive, tmp_path):
-    from cifar_alexnet.tracking import public_params
     from cifar_alexnet.tune import storage_url
 
     params = tune_params(archive, tmp_path, storage="postgresql://optuna:s3cret@127.0.0.1/db")
-    logged = public_params(params)
+    logged = params.to_public_dict()  # what tracking logs
     assert logged["tune"]["storage"] == "postgresql://optuna:***@127.0.0.1/db"
     assert "s3cret" not in str(logged)
     assert storage_url(params) == "postgresql://optuna:s3cret@127.0.0.1/db"  # used, not shown

@@ -177,13 +177,8 @@ class EpochLogger:
                 mlflow.log_metrics(_epoch_metrics(row), step=int(row["epoch"]))
 
 
-def public_params(params: Params) -> dict[str, Any]:
-    """The params as logged: nested, with credentials in URLs masked."""
-    return params.to_public_dict()
-
-
 def _log_params(params: Params) -> None:
-    tree = public_params(params)
+    tree = params.to_public_dict()  # as logged: credentials in URLs masked
     mlflow.log_params(flatten(tree))
     log_dict(tree, "params/effective_params.json")
 
