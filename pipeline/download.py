@@ -4,7 +4,7 @@ against data.md5."""
 from pathlib import Path
 
 from cifar_alexnet.cli import parse_params, run_stage, stage_parser
-from cifar_alexnet.download import fetch, source_url
+from cifar_alexnet.stages.download import fetch, source_url
 
 
 def main() -> None:

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from cifar_alexnet.cli import parse_params, run_stage, stage_parser
-from cifar_alexnet.stages import evaluate_stage
+from cifar_alexnet.stages.evaluate import evaluate_stage
 
 
 def main() -> None:

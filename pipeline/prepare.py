@@ -2,9 +2,9 @@
 
 from pathlib import Path
 
-from cifar_alexnet.archive import read_archive
+from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.cli import parse_params, run_stage, stage_parser
-from cifar_alexnet.prepare import prepare
+from cifar_alexnet.stages.prepare import prepare
 
 
 def main() -> None:

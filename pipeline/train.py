@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from cifar_alexnet.cli import overridden_keys, parse_params, run_stage, stage_parser
-from cifar_alexnet.stages import train_stage
+from cifar_alexnet.stages.train import train_stage
 
 
 def main() -> None:

@@ -3,7 +3,8 @@
 from pathlib import Path
 
 from cifar_alexnet.cli import parse_params, run_stage, stage_parser
-from cifar_alexnet.tune import run_study, write_disabled
+from cifar_alexnet.tune.objective import run_study
+from cifar_alexnet.tune.report import write_disabled
 
 
 def main() -> None:

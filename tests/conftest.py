@@ -1,50 +1,24 @@
-"""Shared fixtures: a generated CIFAR-10-format archive and a tiny, fast CPU configuration."""
+"""Shared fixtures: a generated CIFAR-10-format archive, tiny params, a PostgreSQL cluster."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Iterator
 
 import pytest
-import yaml
 
 from cifar_alexnet.config import params_from_dict
-from cifar_alexnet.synthetic import write_synthetic_archive
-
-ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "MLproject", "pipeline", "src", ".dvc/config",
-                 ".dvcignore", ".gitignore", "data/.gitignore")
+from cifar_alexnet.tools.synthetic import write_synthetic_archive
+from helpers import Archive, free_port, tiny_params
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-# Tiny CPU settings that still learn the synthetic classes in seconds.
-TINY = {
-    "model": {"arch": "alexnet", "width": 0.0625, "dropout": 0.1},
-    "train": {"epochs": 4, "batch_size": 32, "optimizer": "adamw", "lr": 0.002,
-              "weight_decay": 0.0005, "schedule": "onecycle", "device": "cpu"},
-    # A study small enough for the end-to-end tests; tests/test_tune.py varies it.
-    "tune": {"n_trials": 2, "epochs_per_trial": 2, "lr_low": 0.0005, "lr_high": 0.005,
-             "dropout_low": 0.0, "dropout_high": 0.5, "heartbeat_seconds": 1},
-}
-
-
-@dataclass(frozen=True)
-class Archive:
-    path: Path
-    md5: str
-
-    @property
-    def url(self) -> str:
-        return self.path.resolve().as_uri()
+POSTGRES_ENV = "CIFAR_TEST_POSTGRES_URL"
 
 
 @pytest.fixture(scope="session")
@@ -54,86 +28,58 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Archive:
     return Archive(path, write_synthetic_archive(path, per_batch=100, n_test=200, seed=0))
 
 
-def default_params() -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "params.yaml").read_text())
-
-
-def tiny_params(archive: Archive, **sections: dict[str, Any]) -> dict[str, Any]:
-    """The project's params.yaml pointed at ``archive`` with TINY settings (+ overrides)."""
-    raw = default_params()
-    raw["data"].update(url=archive.url, md5=archive.md5)
-    for section, values in [*TINY.items(), *sections.items()]:
-        raw[section].update(values)
-    return raw
-
-
-def write_params(path: Path, raw: dict[str, Any]) -> Path:
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
-    return path
-
-
 @pytest.fixture
 def params(archive: Archive):
     return params_from_dict(tiny_params(archive))
 
 
-def subprocess_env(**extra: str) -> dict[str, str]:
-    """Environment for child processes: this interpreter's bin first (DVC runs `python`)."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_RUN_ID", None)
-    env.update(extra)
-    return env
 
 
-def make_project(dest: Path, raw_params: dict[str, Any]) -> Path:
-    """A fresh git repository holding the project's pipeline files and the given params."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__",
-                                                                              "*.egg-info"))
-        elif src.exists():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    write_params(dest / "params.yaml", raw_params)
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "project"], cwd=dest, check=True)
-    return dest
+def _debian_cluster_tools_missing() -> str | None:
+    if not all(shutil.which(tool) for tool in ("pg_createcluster", "pg_ctlcluster",
+                                                "pg_dropcluster")):
+        return "Debian's postgresql-common tools are not installed (apt install postgresql)"
+    if os.geteuid() != 0:
+        return "pg_createcluster needs root"
+    return None
 
 
-def run(cmd: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True,
-                          text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server on 127.0.0.1 for the whole session, as a SQLAlchemy URL to its
+    ``postgres`` database: ``$CIFAR_TEST_POSTGRES_URL`` if set, else a throwaway cluster that
+    PostgreSQL's Debian tools make, start and drop (about 3 s)."""
+    if os.environ.get(POSTGRES_ENV):
+        yield os.environ[POSTGRES_ENV]
+        return
+    reason = _debian_cluster_tools_missing()
+    if reason:
+        pytest.skip(f"no PostgreSQL server: {reason}; or set ${POSTGRES_ENV} to the URL of a "
+                    "server where the tests may create databases")
+    version = max(Path("/usr/lib/postgresql").iterdir(), key=lambda p: int(p.name)).name
+    name, port = f"cifar-test-{os.getpid()}", free_port()
+    subprocess.run(["pg_createcluster", "--port", str(port), "--start-conf", "manual", version,
+                    name, "--", "--auth=trust"], check=True, capture_output=True)
+    try:
+        subprocess.run(["pg_ctlcluster", version, name, "start"], check=True,
+                       capture_output=True)
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(["pg_dropcluster", "--stop", version, name], capture_output=True)
 
 
-def dvc(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, timeout=timeout)
+_database_numbers = itertools.count()
 
 
-def stage_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(ROOT / "pipeline" / f"{name}.py"), *args], cwd=cwd)
+@pytest.fixture
+def postgres_database(postgres: str) -> str:
+    """A new, empty database on the session's server, as a SQLAlchemy URL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_http(url: str, process: subprocess.Popen, seconds: int, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        assert process.poll() is None, f"{what} exited early"
-        assert time.monotonic() < deadline, f"{what} did not answer {url} in {seconds} s"
-        time.sleep(0.5)
+    server = make_url(postgres)
+    database = f"test_{os.getpid()}_{next(_database_numbers)}"
+    libpq = server.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {database}")
+    return server.set(database=database).render_as_string(hide_password=False)

@@ -14,11 +14,11 @@ import tarfile
 import numpy as np
 import pytest
 
-import cifar_alexnet.archive as archive_module
-from cifar_alexnet.archive import ARCHIVE_DIR, OFFICIAL_CLASS_NAMES, read_archive
+import cifar_alexnet.core.archive as archive_module
+from cifar_alexnet.core.archive import ARCHIVE_DIR, read_archive
+from cifar_alexnet.core.cifar10 import OFFICIAL_CLASS_NAMES
 from cifar_alexnet.errors import DataError
-from cifar_alexnet.synthetic import (archive_members, make_images, pickle_batch, special_member,
-                                     write_tar_gz)
+from cifar_alexnet.tools.synthetic import (archive_members, make_images, pickle_batch, special_member, write_tar_gz)
 
 
 def test_reads_official_layout_with_class_names(archive):
@@ -287,7 +287,7 @@ def _zero_member_archive(path, sizes: dict[str, int]):
 _READ_UNDER_2_GIB = """
 import resource, sys
 resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
-from cifar_alexnet.archive import read_archive
+from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.errors import DataError
 try:
     read_archive(sys.argv[1])

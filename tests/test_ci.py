@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cifar_alexnet.metrics_check import load_spec
+from cifar_alexnet.tools.metrics_check import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKFLOW = ROOT / ".github/workflows/ci.yml"

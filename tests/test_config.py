@@ -5,9 +5,10 @@ import dataclasses
 
 import pytest
 
-from cifar_alexnet.config import ARCHS, DEVICES, ConfigError, load_params, params_from_dict
+from cifar_alexnet.config import (ARCHS, DEVICES, ConfigError, flatten, load_params, params_from_dict,
+                                  split_override_string)
 
-from conftest import ROOT, default_params, stage_script, tiny_params, write_params
+from helpers import ROOT, default_params, stage_script, tiny_params, write_params
 
 
 def test_project_params_file_loads_into_frozen_typed_config():
@@ -16,8 +17,15 @@ def test_project_params_file_loads_into_frozen_typed_config():
     assert isinstance(params.train.lr, float) and isinstance(params.train.epochs, int)
     with pytest.raises(dataclasses.FrozenInstanceError):
         params.train.lr = 1.0  # type: ignore[misc]
-    flat = params.flat()
+    flat = flatten(params.to_dict())  # the form MLflow params and DVC -S use
     assert flat["train.lr"] == params.train.lr and flat["data.md5"] == params.data.md5
+
+
+def test_an_override_string_splits_only_where_the_next_key_starts():
+    text = "train.lr=0.01, data.url=https://mirror.example/c.tar.gz?a=1,2,model.dropout=0.3"
+    assert split_override_string(text) == [
+        "train.lr=0.01", "data.url=https://mirror.example/c.tar.gz?a=1,2", "model.dropout=0.3"]
+    assert split_override_string("") == split_override_string(None) == []
 
 
 @pytest.mark.parametrize("section,key,value,message", [

@@ -9,9 +9,9 @@ import yaml
 
 from cifar_alexnet.config import params_from_dict
 from cifar_alexnet.sources import module_files
-from cifar_alexnet.stages import TRAINING_CORE, training_fingerprint
-from cifar_alexnet.tune import study_fingerprint
-from conftest import ROOT, default_params
+from cifar_alexnet.stages.train import TRAINING_CORE, training_fingerprint
+from cifar_alexnet.tune.study import study_fingerprint
+from helpers import ROOT, default_params
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
@@ -26,20 +26,31 @@ def test_a_stages_code_deps_are_exactly_the_files_its_script_imports(stage):
                                 f"not imported {sorted(listed - expected)}")
 
 
+def _package_paths(files) -> set[str]:
+    return {str(p.relative_to(ROOT / "src" / "cifar_alexnet")) for p in files}
+
+
 def test_tools_outside_the_pipeline_are_no_stages_dependency():
     used = {d for stage in STAGES.values() for d in stage["deps"]}
-    for tool in ("bench.py", "metrics_check.py", "synthetic.py", "study_cli.py"):
-        assert f"src/cifar_alexnet/{tool}" not in used, tool
-    assert "src/cifar_alexnet/tune.py" not in STAGES["train"]["deps"]  # nor Optuna's code
+    tools = [d for d in used if d.startswith("src/cifar_alexnet/tools/")]
+    assert not tools, tools
+    assert "src/cifar_alexnet/tune/cli.py" not in used
+    optuna_code = [d for d in STAGES["train"]["deps"] if d.startswith("src/cifar_alexnet/tune/")]
+    assert not optuna_code, optuna_code
 
 
-def test_the_import_closure_follows_lazy_and_package_imports(tmp_path):
+def test_the_import_closure_follows_lazy_subpackage_and_relative_imports(tmp_path):
     script = tmp_path / "script.py"
     script.write_text("from cifar_alexnet import tracking\n"
-                      "def f():\n    from cifar_alexnet.bench import main\n")
-    names = {p.name for p in module_files(script)}
-    assert {"tracking.py", "bench.py", "train.py", "__init__.py"} <= names  # train via tracking
-    assert "tune.py" not in names
+                      "def f():\n    from cifar_alexnet.tools.bench import main\n")
+    names = _package_paths(module_files(script))
+    # core/train.py via tracking; the subpackages' __init__.py run on the way
+    assert {"__init__.py", "tracking.py", "tools/__init__.py", "tools/bench.py", "core/__init__.py",
+            "core/train.py", "core/model.py"} <= names
+    assert not {n for n in names if n.startswith("tune/")}
+    # the tune package imports its own modules relatively
+    assert {"tune/study.py", "tune/report.py", "tune/objective.py", "tune/__init__.py"} <= \
+        _package_paths(module_files("tune.cli"))
 
 
 def _variants(section: str, key: str, value):
@@ -86,14 +97,17 @@ def test_the_training_fingerprint_changes_with_every_train_stage_param_and_no_ot
     for section, key in _params_of("train"):
         changed = training_fingerprint(params_from_dict(_changed(section, key)))
         assert changed != base, f"{section}.{key} is a train param but not in the fingerprint"
-    for section, key in [("tune", "n_trials"), ("evaluate", "flip_tta"), ("data", "url")]:
+    for section, key in [("tune", "n_trials"), ("evaluate", "flip_tta"), ("data", "url"),
+                         ("mlflow", "registered_model")]:
         assert training_fingerprint(params_from_dict(_changed(section, key))) == base, key
 
 
 def test_the_training_fingerprint_hashes_the_training_core_code_only():
-    hashed = {p.name for p in module_files(*TRAINING_CORE)}
-    assert {"train.py", "model.py", "transforms.py", "prepare.py", "config.py"} <= hashed
-    assert not hashed & {"tracking.py", "tune.py", "bench.py", "stages.py", "plots.py"}
+    hashed = _package_paths(module_files(*TRAINING_CORE))
+    assert {"core/train.py", "core/model.py", "core/transforms.py", "core/data.py",
+            "config.py"} <= hashed
+    outside_the_core = {n for n in hashed if n.startswith(("stages/", "tune/", "tools/"))}
+    assert not outside_the_core and not hashed & {"tracking.py", "plots.py"}, hashed
 
 
 # Settings that change how fast a trial runs (workers on other hardware share a study) or how

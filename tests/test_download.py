@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from cifar_alexnet.download import fetch, md5sum, source_url
+from cifar_alexnet.stages.download import fetch, md5sum, source_url
 from cifar_alexnet.errors import DataError
 from cifar_alexnet.io import OutputError
 from cifar_alexnet.redact import redact_url
@@ -284,7 +284,7 @@ def test_a_download_password_reaches_no_file_the_pipeline_writes(tmp_path, archi
     """dvc.lock, mlflow.db, mlruns/, the DVC cache, every output: none holds the password."""
     import sys
 
-    from conftest import make_project, run, tiny_params
+    from helpers import make_project, run, tiny_params
 
     server.body = archive.path.read_bytes()
     secret = "s3cret-e2e-7f3a"
@@ -311,7 +311,7 @@ def test_a_download_password_reaches_no_file_the_pipeline_writes(tmp_path, archi
 def test_a_trickling_mirror_is_given_up_with_a_message(tmp_path, archive, server, monkeypatch):
     """A byte every 20 s never trips the per-read timeout; the minimum rate does (scaled down
     here: 1 000 bytes/s over 1 s windows, against a byte every 50 ms)."""
-    import cifar_alexnet.download as download
+    import cifar_alexnet.stages.download as download
 
     monkeypatch.setattr(download, "MIN_BYTES_PER_S", 1000)
     monkeypatch.setattr(download, "RATE_WINDOW_S", 1.0)

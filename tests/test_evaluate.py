@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
-from cifar_alexnet.archive import OFFICIAL_CLASS_NAMES
-from cifar_alexnet.evaluate import evaluate_logits, write_reports
+from cifar_alexnet.core.cifar10 import OFFICIAL_CLASS_NAMES
+from cifar_alexnet.stages.evaluate import (evaluate_logits, most_confident_mistakes,
+                                           write_reports)
 
 NAMES = OFFICIAL_CLASS_NAMES[:3]
 
@@ -41,7 +42,7 @@ def test_metrics_match_hand_computed_values(evaluation):
 
 
 def test_reports_are_written_with_class_names(evaluation, tmp_path):
-    labels, _, result = evaluation
+    labels, logits, result = evaluation
     files = write_reports(result, labels.numpy(), NAMES, tmp_path)
     assert {f.name for f in files} >= {"classification_report.csv", "confusion_matrix.png",
                                       "classification_report.json", "classification_report.txt",
@@ -52,9 +53,30 @@ def test_reports_are_written_with_class_names(evaluation, tmp_path):
     counts = pd.read_csv(tmp_path / "confusion_matrix.csv", index_col=0)
     assert list(counts.columns) == list(NAMES) and counts.values.tolist() == result.confusion.tolist()
     predictions = pd.read_csv(tmp_path / "predictions.csv")
-    assert predictions.iloc[1].tolist() == ["airplane", "automobile"]
+    assert predictions.iloc[1][["actual", "predicted"]].tolist() == ["airplane", "automobile"]
+    probabilities = torch.softmax(logits, 1)
+    assert predictions["confidence"].tolist() == pytest.approx(
+        probabilities.max(1).values.tolist(), abs=1e-6)
     assert "automobile" in (tmp_path / "classification_report.txt").read_text()
     assert json.loads((tmp_path / "classification_report.json").read_text())["accuracy"] == \
         pytest.approx(4 / 6)
     png = (tmp_path / "confusion_matrix.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_the_pictures_show_per_class_accuracy_and_the_most_confident_mistakes(tmp_path):
+    labels = torch.tensor([0, 0, 1, 1, 2, 2])
+    logits = torch.tensor([[3.0, 0, 0], [0, 1.0, 0], [0, 2.0, 0], [0, 2.0, 0], [0, 0, 2.0],
+                           [5.0, 0, 0]])  # wrong: image 1 (unsure), image 5 (very sure)
+    result = evaluate_logits(logits, labels, NAMES)
+    assert most_confident_mistakes(result, labels.numpy(), 24).tolist() == [5, 1]
+    assert most_confident_mistakes(result, labels.numpy(), 1).tolist() == [5]
+    images = np.random.default_rng(0).integers(0, 256, (6, 3, 32, 32), dtype=np.uint8)
+    files = {f.name for f in write_reports(result, labels.numpy(), NAMES, tmp_path, images)}
+    assert {"per_class_accuracy.png", "misclassified.png"} <= files
+    for name in ("per_class_accuracy.png", "misclassified.png"):
+        png = (tmp_path / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
+    # without the images there is no grid to draw
+    assert "misclassified.png" not in {f.name for f in write_reports(
+        result, labels.numpy(), NAMES, tmp_path / "no-images")}

@@ -23,11 +23,10 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import ROOT, Archive, stage_script, subprocess_env, tiny_params, write_params
-from cifar_alexnet.archive import ARCHIVE_DIR, read_archive
-from cifar_alexnet.prepare import prepare
-from cifar_alexnet.synthetic import (archive_members, make_images, pickle_batch, special_member,
-                                     write_tar_gz)
+from helpers import ROOT, Archive, stage_script, subprocess_env, tiny_params, write_params
+from cifar_alexnet.core.archive import ARCHIVE_DIR, read_archive
+from cifar_alexnet.stages.prepare import prepare
+from cifar_alexnet.tools.synthetic import (archive_members, make_images, pickle_batch, special_member, write_tar_gz)
 
 # Runs inside `unshare -Urm`: mount the tmpfs (writable at first, so the previous outputs can be
 # copied in; options ending in ",ro" remount it read-only), run the stage, copy the result out.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import subprocess_env
+from helpers import subprocess_env
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.io import OutputError, atomic_dir, atomic_path, write_json, write_text
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from cifar_alexnet.metrics_check import main
+from cifar_alexnet.tools.metrics_check import main
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_missing_metric_fails(tmp_path, files):
 
 def test_console_script_exit_status(files):
     reference, current = files
-    result = subprocess.run([sys.executable, "-m", "cifar_alexnet.metrics_check",
+    result = subprocess.run([sys.executable, "-m", "cifar_alexnet.tools.metrics_check",
                              current(macro_f1=0.5), reference, "--abs-tol", "0.01"],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "macro_f1" in result.stderr

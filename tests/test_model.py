@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from cifar_alexnet.config import ModelConfig
-from cifar_alexnet.model import ARCH_SPECS, AlexNet, build_model, count_parameters, summary
+from cifar_alexnet.core.model import ARCH_SPECS, AlexNet, build_model, count_parameters, summary
 
 
 @pytest.mark.parametrize("arch,input_size,flat,params", [

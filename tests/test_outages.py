@@ -4,8 +4,6 @@ keeps every finished epoch or trial, and the rerun continues as if nothing had h
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -14,36 +12,14 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cifar_alexnet.archive import read_archive
-from cifar_alexnet.prepare import prepare
-from cifar_alexnet.train import load_checkpoint
-from conftest import ROOT, free_port, subprocess_env, tiny_params, wait_for_http, write_params
+from cifar_alexnet.core.archive import read_archive
+from cifar_alexnet.stages.prepare import prepare
+from cifar_alexnet.core.train import load_checkpoint
+from helpers import ROOT, MlflowServer, free_port, subprocess_env, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
 
 EPOCHS = 40  # long enough that the server is killed mid-training
-
-
-class Server:
-    """`mlflow server` over one sqlite store; kill() is a crash, start() brings it back."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir, self.port = workdir, free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-             f"sqlite:///{self.workdir / 'server.db'}", "--host", "127.0.0.1", "--port",
-             str(self.port), "--workers", "1"],
-            cwd=self.workdir, env=subprocess_env(), stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, start_new_session=True)
-        wait_for_http(f"{self.uri}/health", self.process, 90, "mlflow server")
-
-    def kill(self) -> None:
-        os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(timeout=30)
 
 
 @pytest.fixture
@@ -56,11 +32,8 @@ def workdir(tmp_path, archive):
 
 @pytest.fixture
 def server(workdir):
-    server = Server(workdir)
-    server.start()
-    yield server
-    if server.process.poll() is None:
-        server.kill()
+    with MlflowServer(workdir / "server.db", workdir) as server:
+        yield server
 
 
 TRAIN = [sys.executable, str(ROOT / "pipeline/train.py"), "--data", "data/prepared", "--out",
@@ -69,7 +42,7 @@ TRAIN = [sys.executable, str(ROOT / "pipeline/train.py"), "--data", "data/prepar
 
 
 def kill_server_when(log_line: str, command: list[str], cwd: Path, env: dict[str, str],
-                     server: Server) -> tuple[int, str, float]:
+                     server: MlflowServer) -> tuple[int, str, float]:
     """Run ``command``; SIGKILL the server once its log shows ``log_line``. Return the exit
     status, the whole stderr, and the seconds from the kill to the exit."""
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
@@ -136,7 +109,7 @@ def test_a_server_lost_mid_study_retries_the_trial_and_the_study_ends_as_if_unin
     import optuna
 
     from cifar_alexnet.config import params_from_dict
-    from cifar_alexnet.tune import run_study
+    from cifar_alexnet.tune.objective import run_study
 
     study_params = tiny_params(archive, tune={"n_trials": 3, "epochs_per_trial": 2,
                                               "pruner": "none"})

@@ -4,11 +4,8 @@ DVC's outputs, a real MLflow store (MlflowClient) and a real `mlflow server` ove
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 
@@ -17,9 +14,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from cifar_alexnet.synthetic import archive_members, write_tar_gz
+from cifar_alexnet.tools.synthetic import archive_members, write_tar_gz
 
-from conftest import dvc, free_port, make_project, subprocess_env, tiny_params, wait_for_http
+from helpers import MlflowServer, dvc, make_project, tiny_params
 
 pytestmark = pytest.mark.slow
 
@@ -135,8 +132,8 @@ def test_logged_model_is_the_evaluated_one_with_flip_tta(repro, run_id, monkeypa
     import numpy as np
     import torch
 
-    from cifar_alexnet.prepare import load_split
-    from cifar_alexnet.stages import load_trained_model
+    from cifar_alexnet.core.data import load_split
+    from cifar_alexnet.stages.artifacts import load_trained_model
 
     project, _ = repro
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{project / 'mlflow.db'}")
@@ -157,26 +154,15 @@ def test_logged_model_is_the_evaluated_one_with_flip_tta(repro, run_id, monkeypa
 
 def test_mlflow_server_serves_the_run_over_rest(repro, run_id):
     project, _ = repro
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"],
-        cwd=project, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{base}/health", server, 90, "mlflow server")
-        with urllib.request.urlopen(f"{base}/api/2.0/mlflow/runs/get?run_id={run_id}") as reply:
+    with MlflowServer(project / "mlflow.db", project) as server:
+        with urllib.request.urlopen(f"{server.uri}/api/2.0/mlflow/runs/get?run_id={run_id}") \
+                as reply:
             run = json.load(reply)["run"]
         params = {p["key"]: p["value"] for p in run["data"]["params"]}
         metrics = {m["key"] for m in run["data"]["metrics"]}
         assert params["model.arch"] == "alexnet"
         assert {"test/accuracy", "val/acc", "train/loss"} <= metrics
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
-    assert server.returncode is not None
+    assert server.process.returncode is not None
 
 
 def test_dvc_push_and_pull_restore_outputs(repro, tmp_path):
@@ -226,7 +212,7 @@ def test_bad_archive_with_matching_md5_stops_prepare(archive, tmp_path, kind):
             + f"touch {marker}".encode() + b"q\x01\x85q\x02Rq\x03.")
         write_tar_gz(bad, members)
         expected = "unsafe or invalid pickle"
-    from cifar_alexnet.download import md5sum
+    from cifar_alexnet.stages.download import md5sum
 
     raw = tiny_params(archive)
     raw["data"].update(url=bad.as_uri(), md5=md5sum(bad))
@@ -242,13 +228,13 @@ def test_bad_archive_with_matching_md5_stops_prepare(archive, tmp_path, kind):
 def test_editing_a_tool_module_reruns_nothing_and_editing_tune_reruns_only_tune(repro):
     project, _ = repro
     package = project / "src/cifar_alexnet"
-    originals = {name: (package / name).read_text()
-                 for name in ("bench.py", "synthetic.py", "metrics_check.py", "tune.py")}
+    tools = ("tools/bench.py", "tools/synthetic.py", "tools/metrics_check.py", "tune/cli.py")
+    originals = {name: (package / name).read_text() for name in (*tools, "tune/objective.py")}
     try:
-        for name in ("bench.py", "synthetic.py", "metrics_check.py"):
+        for name in tools:
             (package / name).write_text(originals[name] + "\n# edited\n")
         assert json.loads(dvc("status", "--json", cwd=project).stdout) == {}
-        (package / "tune.py").write_text(originals["tune.py"] + "\n# edited\n")
+        (package / "tune/objective.py").write_text(originals["tune/objective.py"] + "\n# edited\n")
         assert set(json.loads(dvc("status", "--json", cwd=project).stdout)) == {"tune"}
     finally:
         for name, text in originals.items():

@@ -6,8 +6,9 @@ import json
 import numpy as np
 import pytest
 
-from cifar_alexnet.archive import read_archive
-from cifar_alexnet.prepare import channel_stats, load_meta, load_split, prepare, stratified_split
+from cifar_alexnet.core.archive import read_archive
+from cifar_alexnet.core.data import load_meta, load_split
+from cifar_alexnet.stages.prepare import channel_stats, prepare, stratified_split
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_a_dataset_of_identical_pixels_is_refused(tmp_path, cifar):
     """What a crafted archive of uninitialised (zeroed) arrays decodes to: mean 0, std 0."""
     import dataclasses
 
-    from cifar_alexnet.archive import Batch
+    from cifar_alexnet.core.archive import Batch
     from cifar_alexnet.errors import DataError
 
     flat = dataclasses.replace(cifar, train=Batch(np.zeros_like(cifar.train.images),

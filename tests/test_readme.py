@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from cifar_alexnet.config import load_params, split_override_string
-from conftest import ROOT, dvc, make_project, run, tiny_params
+from helpers import ROOT, dvc, make_project, run, tiny_params
 
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 

@@ -6,12 +6,13 @@ import dataclasses
 import pytest
 import torch
 
-from cifar_alexnet.archive import read_archive
+from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.errors import PipelineError
-from cifar_alexnet.model import build_model
-from cifar_alexnet.prepare import load_meta, load_split, prepare
-from cifar_alexnet.train import (HISTORY_FIELDS, Accel, TrainingDiverged, fit, load_checkpoint,
-                                 predict, resolve_device, seed_everything, to_device)
+from cifar_alexnet.core.model import build_model
+from cifar_alexnet.core.data import load_meta, load_split
+from cifar_alexnet.stages.prepare import prepare
+from cifar_alexnet.core.train import (HISTORY_FIELDS, Accel, TrainingDiverged, fit, load_checkpoint,
+                                      predict, resolve_device, seed_everything, to_device)
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,24 @@ def train_once(params, prepared, **train_overrides):
                  to_device(val.images, val.labels, device), cfg, params.base.seed,
                  callbacks=[Recorder()])
     return model, result, rows
+
+
+def test_deterministic_cpu_kernels_hold_while_fitting_and_are_restored_after(params, prepared):
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = []
+
+    class Probe:
+        def on_epoch_end(self, row):
+            seen.append(torch.are_deterministic_algorithms_enabled())
+
+    model = build_model(params.model)
+    split = load_split(prepared, "val")
+    data = to_device(split.images, split.labels, torch.device("cpu"))
+    fit(model, data, data, dataclasses.replace(params.train, epochs=1), 0, callbacks=[Probe()])
+    assert seen == [True]
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
+    predict(model, data[0], 64)
+    assert not torch.are_deterministic_algorithms_enabled()
 
 
 def test_fit_learns_and_returns_best_validation_accuracy(params, prepared):

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from cifar_alexnet.transforms import CROP_PADDING, random_crop_flip
+from cifar_alexnet.core.transforms import CROP_PADDING, random_crop_flip
 
 
 def reference_crop_flip(images, dy, dx, flip, padding):

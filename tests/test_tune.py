@@ -16,15 +16,16 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from cifar_alexnet.archive import read_archive
+from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.config import flatten, params_from_dict
 from cifar_alexnet.errors import ConfigError, PipelineError
-from cifar_alexnet.prepare import prepare
-from cifar_alexnet.stages import apply_best_params
-from cifar_alexnet.tune import (BEST_PARAMS_FILE, DROPOUT, LR, STUDY_FILE, SUMMARY_FILE,
-                                TRIALS_FILE, open_study, progress, run_study, study_name,
-                                write_disabled)
-from conftest import subprocess_env, tiny_params, write_params
+from cifar_alexnet.stages.prepare import prepare
+from cifar_alexnet.stages.train import apply_best_params
+from cifar_alexnet.best_params import BEST_PARAMS_FILE, DROPOUT, LR
+from cifar_alexnet.tune.objective import run_study
+from cifar_alexnet.tune.report import STUDY_FILE, SUMMARY_FILE, TRIALS_FILE, write_disabled
+from cifar_alexnet.tune.study import open_study, progress, study_name
+from helpers import subprocess_env, tiny_params, write_params
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +237,7 @@ def test_tuning_off_means_training_uses_params_yaml(archive, tmp_path):
 
 
 def cifar_study(*args, cwd, env=None, **popen):
-    return subprocess.Popen([sys.executable, "-m", "cifar_alexnet.study_cli", *args], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-m", "cifar_alexnet.tune.cli", *args], cwd=cwd,
                             env=env or subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
 
@@ -304,37 +305,32 @@ def test_worker_killed_mid_trial_resumes_keeping_finished_trials_and_retrying_th
 
 
 @pytest.mark.slow
-def test_two_workers_share_a_study_on_postgresql(archive, prepared, tmp_path):
-    from pg_server import postgres_server, postgres_unavailable_reason
-
-    reason = postgres_unavailable_reason()
-    if reason:
-        pytest.skip(f"PostgreSQL cannot be started here: {reason}")
+def test_two_workers_share_a_study_on_postgresql(archive, prepared, tmp_path, postgres_database):
     raw = tune_raw(archive, tmp_path, n_trials=100, epochs_per_trial=2, study_name="shared")
     params_file = write_params(tmp_path / "params.yaml", raw)
-    with postgres_server(tmp_path) as url:
-        workers = [
-            cifar_study("run", "--params", str(params_file), "--data", str(prepared),
-                        "--n-trials", "3", "--worker-id", str(i), cwd=tmp_path,
-                        env=subprocess_env(CIFAR_TUNE_STORAGE=url,
-                                           MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/w{i}.db"))
-            for i in (1, 2)]
-        for worker in workers:
-            _, err = worker.communicate(timeout=600)
-            assert worker.returncode == 0, err
-        study = optuna.load_study(study_name="shared", storage=url)
-        trials = study.trials
-        # The password-free URL is fine to log; MLflow got the masked form either way.
-        assert sorted(t.number for t in trials) == list(range(6))
-        assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
-        assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == 6
-        parents = {t.user_attrs["mlflow_parent_run_id"] for t in trials}
-        assert len(parents) == 2  # each worker ran its 3 trials under its own parent run
-        assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
+    url = postgres_database
+    workers = [
+        cifar_study("run", "--params", str(params_file), "--data", str(prepared),
+                    "--n-trials", "3", "--worker-id", str(i), cwd=tmp_path,
+                    env=subprocess_env(CIFAR_TUNE_STORAGE=url,
+                                       MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path}/w{i}.db"))
+        for i in (1, 2)]
+    for worker in workers:
+        _, err = worker.communicate(timeout=600)
+        assert worker.returncode == 0, err
+    study = optuna.load_study(study_name="shared", storage=url)
+    trials = study.trials
+    # The password-free URL is fine to log; MLflow got the masked form either way.
+    assert sorted(t.number for t in trials) == list(range(6))
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    assert len({t.user_attrs["mlflow_run_id"] for t in trials}) == 6
+    parents = {t.user_attrs["mlflow_parent_run_id"] for t in trials}
+    assert len(parents) == 2  # each worker ran its 3 trials under its own parent run
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 6
 
 
 def test_storage_passwords_never_reach_mlflow_or_the_summary(archive, tmp_path):
-    from cifar_alexnet.tune import storage_url
+    from cifar_alexnet.tune.study import storage_url
 
     params = tune_params(archive, tmp_path, storage="postgresql://optuna:s3cret@127.0.0.1/db")
     logged = params.to_public_dict()  # what tracking logs
@@ -390,7 +386,7 @@ def test_tune_benchmark_script_compares_pruners_side_by_side(archive, prepared, 
     params_file = write_params(tmp_path / "params.yaml",
                                tune_raw(archive, tmp_path, n_trials=3, epochs_per_trial=2))
     result = subprocess.run(
-        [sys.executable, str(Path(__file__).parents[1] / "pipeline" / "tune_bench.py"),
+        [sys.executable, str(Path(__file__).parents[1] / "bench" / "tune_bench.py"),
          "--params", str(params_file), "--data", str(prepared), "--json",
          str(tmp_path / "rows.json")], capture_output=True, text=True, env=subprocess_env(),
         timeout=600)

@@ -9,6 +9,7 @@ evaluate stage scored (reports/predictions.csv).
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
@@ -29,7 +31,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import (dvc, free_port, make_project, run, subprocess_env, tiny_params,
+from helpers import (dvc, free_port, make_project, run, subprocess_env, tiny_params,
                       wait_for_http)
 
 pytestmark = pytest.mark.slow
@@ -41,7 +43,7 @@ def mlflow_run(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def study(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "cifar_alexnet.study_cli", *args], cwd=project)
+    return run([sys.executable, "-m", "cifar_alexnet.tune.cli", *args], cwd=project)
 
 
 def wait_for_queue(project: Path, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -124,7 +126,7 @@ def logged_predictions(project: Path) -> tuple[list[str], list[str]]:
     """The logged model's classes for every test image, and the evaluate stage's."""
     import mlflow
 
-    from cifar_alexnet.prepare import load_meta, load_split
+    from cifar_alexnet.core.data import load_meta, load_split
 
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     try:
@@ -287,34 +289,130 @@ def test_a_worker_then_dvc_repro_trains_with_the_studys_new_best(matrix):
                                    .runs if r.info.run_name.startswith("study ")]) + 1
 
 
-def test_mlflow_models_serve_answers_exactly_the_evaluated_predictions(matrix):
-    from cifar_alexnet.prepare import load_meta, load_split
+REGISTERED = "cifar10-alexnet"  # mlflow.registered_model in params.yaml
+
+
+def registered_versions(project: Path) -> list:
+    return sorted(store(project).search_model_versions(f"name = '{REGISTERED}'"),
+                  key=lambda v: int(v.version))
+
+
+def evaluated_predictions(project: Path, run_id: str) -> pd.DataFrame:
+    """reports/predictions.csv as the evaluation in ``run_id`` logged it."""
+    import mlflow
+
+    path = mlflow.artifacts.download_artifacts(
+        run_id=run_id, artifact_path="evaluation/predictions.csv",
+        tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    return pd.read_csv(path)
+
+
+def test_the_registry_holds_every_evaluated_model_with_champion_on_the_best(matrix):
+    project, _ = matrix
+    versions = registered_versions(project)
+    client = store(project)
+    evaluations = [r for r in all_runs(project) if "registry.version" in r.data.tags]
+    # every evaluation registered one version, and says which
+    assert sorted(int(r.data.tags["registry.version"]) for r in evaluations) == \
+        [int(v.version) for v in versions]
+    accuracy = {str(v.version): float(v.tags["test_accuracy"]) for v in versions}
+    assert len(set(accuracy.values())) >= 2, accuracy  # premise: models of different quality
+    champion = client.get_model_version_by_alias(REGISTERED, "champion")
+    best = max(accuracy.values())
+    # the best, and of equally good ones the first (a tie keeps the champion)
+    assert str(champion.version) == min((v for v, a in accuracy.items() if a == best), key=int)
+    for evaluation in evaluations:  # each version carries the accuracy its evaluation measured
+        assert accuracy[evaluation.data.tags["registry.version"]] == \
+            pytest.approx(evaluation.data.metrics["test/accuracy"])
+    workspace = read_json(project / "reports/mlflow_model.json")["registered"]
+    assert workspace["name"] == REGISTERED and workspace["version"] in accuracy
+
+
+def post(url: str, body: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"{}")
+
+
+def test_mlflow_models_serve_of_the_champion_answers_what_its_evaluation_scored(matrix):
+    """`mlflow models serve -m models:/cifar10-alexnet@champion`, as the README shows it."""
+    from cifar_alexnet.core.data import load_meta, load_split
 
     project, _ = matrix
+    champion = store(project).get_model_version_by_alias(REGISTERED, "champion")
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m",
-         read_json(project / "reports/mlflow_model.json")["model_uri"],
-         "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+         f"models:/{REGISTERED}@champion", "--env-manager", "local", "--host", "127.0.0.1",
+         "--port", str(port)],
         cwd=project, env=subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}"),
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/invocations"
     try:
         wait_for_http(f"http://127.0.0.1:{port}/ping", server, 120, "mlflow models serve")
         test = load_split(project / "data/prepared", "test")
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            data=json.dumps({"inputs": test.images.tolist()}).encode(),
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as reply:
-            logits = json.load(reply)["predictions"]
+        status, reply = post(url, json.dumps({"inputs": test.images.tolist()}).encode())
+        # JSON has no dtype: 0-255 written as floats are the same request
+        as_floats = post(url, json.dumps({"inputs": test.images[:4].astype(float).tolist()})
+                         .encode())
+        # what the README says is refused: another shape (NHWC, 16 x 16), not a tensor
+        refused = [post(url, json.dumps({"inputs": body}).encode()) for body in
+                   (test.images[:2].transpose(0, 2, 3, 1).tolist(),
+                    test.images[:2, :, :16, :16].tolist())]
+        refused.append(post(url, b'{"instances": "a cat"}'))
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+    assert status == 200, reply
     names = load_meta(project / "data/prepared").class_names
-    served = [names[max(range(len(row)), key=row.__getitem__)] for row in logits]
-    evaluated = pd.read_csv(project / "reports/predictions.csv")["predicted"].tolist()
+    served = [names[int(np.argmax(row))] for row in reply["predictions"]]
+    evaluated = evaluated_predictions(project, champion.run_id)["predicted"].tolist()
     assert len(served) == len(evaluated) == len(test.labels)
     assert served == evaluated  # every test image: served = evaluated
+    assert as_floats[0] == 200, as_floats  # the same logits (another batch size: to 1e-4)
+    assert np.allclose(as_floats[1]["predictions"], reply["predictions"][:4], atol=1e-4)
+    for code, body in refused:
+        assert code == 400, (code, body)
+        assert body.get("message") and "Traceback" not in body["message"], body
+
+
+def test_cifar_predict_classifies_picture_files_as_the_evaluate_stage_did(matrix, tmp_path):
+    from PIL import Image
+
+    from cifar_alexnet.core.data import load_split
+
+    project, _ = matrix
+    test = load_split(project / "data/prepared", "test")
+    evaluated = pd.read_csv(project / "reports/predictions.csv")
+    shown = range(0, len(test.labels), 10)
+    for i in shown:
+        Image.fromarray(test.images[i].transpose(1, 2, 0)).save(tmp_path / f"{i:03d}.png")
+    Image.fromarray(test.images[0].transpose(1, 2, 0)).save(tmp_path / "photo.jpg", quality=95)
+    (tmp_path / "readme.txt").write_text("not a picture")
+    pictures = [str(tmp_path / f"{i:03d}.png") for i in shown]
+    result = run(["cifar-predict", *pictures, str(tmp_path / "photo.jpg"),
+                  str(tmp_path / "readme.txt"), "--format", "json"], cwd=project)
+    assert result.returncode == 1  # the text file
+    assert f"error: {tmp_path / 'readme.txt'}: cannot be read as an image" in result.stderr
+    rows = {Path(r["file"]).name: r["predictions"] for r in json.loads(result.stdout)}
+    assert "photo.jpg" in rows and len(rows) == len(pictures) + 1
+    for i in shown:  # lossless files: exactly the evaluated class and probability
+        top = rows[f"{i:03d}.png"][0]
+        assert top["class"] == evaluated["predicted"][i]
+        assert top["probability"] == pytest.approx(evaluated["confidence"][i], abs=2e-5)
+
+    # the champion from the registry, by its alias: what its own evaluation scored
+    champion = store(project).get_model_version_by_alias(REGISTERED, "champion")
+    by_alias = run(["cifar-predict", *pictures, "--model", f"models:/{REGISTERED}@champion",
+                    "--format", "csv", "--top-k", "1"], cwd=project,
+                   MLFLOW_TRACKING_URI=f"sqlite:///{project / 'mlflow.db'}")
+    assert by_alias.returncode == 0, by_alias.stderr
+    champion_scored = evaluated_predictions(project, champion.run_id)
+    predicted = pd.read_csv(io.StringIO(by_alias.stdout))
+    assert predicted["class"].tolist() == [champion_scored["predicted"][i] for i in shown]
 
 
 def test_single_stage_entry_points_do_not_write_behind_dvcs_back(matrix):

@@ -1,6 +1,6 @@
 """``tune/best_params.yaml``: what the tune stage hands the train stage, read and written here.
 
-Kept apart from tune.py so that training (and its DVC dependencies) does not import Optuna or
+Kept apart from the tune package so that training (and its DVC dependencies) does not import Optuna or
 the study code: editing how the study runs does not invalidate a trained model.
 """
 
@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from .config import Params, params_from_dict
-from .errors import PipelineError
-from .io import write_text
+from cifar_alexnet.config import Params, params_from_dict
+from cifar_alexnet.errors import PipelineError
+from cifar_alexnet.io import write_text
 
 # The tuned keys, named as in params.yaml (they are also Optuna's parameter names).
 LR, DROPOUT = "train.lr", "model.dropout"

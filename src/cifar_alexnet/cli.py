@@ -8,8 +8,8 @@ import signal
 import sys
 from typing import Callable
 
-from .config import Params, load_params, split_override_string
-from .errors import PipelineError
+from cifar_alexnet.config import Params, load_params, split_override_string
+from cifar_alexnet.errors import PipelineError
 
 
 def stage_parser(description: str) -> argparse.ArgumentParser:

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import ConfigError
-from .redact import redact_url
+from cifar_alexnet.errors import ConfigError
+from cifar_alexnet.redact import redact_url
 
 ARCHS = ("alexnet", "alexnet_small", "alexnet_paper")
 DEVICES = ("auto", "cpu", "cuda")
@@ -136,6 +136,11 @@ class MlflowConfig:
     # MLflow stores at most 256 characters (a longer name fails deep inside its store).
     experiment: str = _pattern(r"\S.{0,255}", "a non-empty experiment name of at most 256 "
                                               "characters")
+    # The Model Registry entry the evaluate stage registers each evaluated model under; "" turns
+    # registration off. Letters, digits, '.', '_' and '-': safe in a models:/ URI.
+    registered_model: str = _pattern(r"([A-Za-z0-9][A-Za-z0-9._-]{0,255})?",
+                                     "a model name of letters, digits, '.', '_' and '-' (at "
+                                     "most 256), or \"\" to register nothing")
 
 
 @dataclass(frozen=True)
@@ -147,10 +152,6 @@ class Params:
     train: TrainConfig
     evaluate: EvaluateConfig
     mlflow: MlflowConfig
-
-    def flat(self) -> dict[str, Any]:
-        """``{"train.lr": 0.02, ...}``: the form MLflow params and DVC ``-S`` use."""
-        return flatten(dataclasses.asdict(self))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -277,9 +278,14 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
+# A comma starts a new override only where a ``section.key=`` follows it, so a value may hold
+# commas itself (a URL's query, a list).
+_NEXT_OVERRIDE = re.compile(r",\s*(?=[A-Za-z_]\w*\.[A-Za-z_]\w*\s*=)")
+
+
 def split_override_string(text: str | None) -> list[str]:
     """Split ``"train.lr=0.01, model.dropout=0.3"`` (MLproject's single string) into items."""
-    return [part.strip() for part in (text or "").split(",") if part.strip()]
+    return [part.strip() for part in _NEXT_OVERRIDE.split(text or "") if part.strip()]
 
 
 def parse_yaml(text: str, what: str) -> Any:

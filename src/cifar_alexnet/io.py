@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator
 
-from .errors import PipelineError
+from cifar_alexnet.errors import PipelineError
 
 log = logging.getLogger(__name__)
 

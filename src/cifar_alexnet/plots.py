@@ -1,23 +1,24 @@
-"""Matplotlib figures for reports and MLflow artifacts (Agg backend: no display needed)."""
+"""Matplotlib figures for reports and MLflow artifacts.
+
+Figures are made as ``matplotlib.figure.Figure`` objects, not through pyplot: they need no GUI
+backend and no display, and making them changes no process-wide matplotlib state.
+"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
-
-from .io import atomic_path  # noqa: E402
+from cifar_alexnet.io import atomic_path
 
 
 def confusion_figure(counts: np.ndarray, normalized: np.ndarray,
                      class_names: Sequence[str]) -> Figure:
     """Counts and row-normalised (recall per true class) confusion matrices side by side."""
-    fig, axes = plt.subplots(1, 2, figsize=(17, 7.5), constrained_layout=True)
+    fig = Figure(figsize=(17, 7.5), layout="constrained")
+    axes = fig.subplots(1, 2)
     for ax, matrix, title, fmt in ((axes[0], counts, "counts", "d"),
                                    (axes[1], normalized, "row-normalised", ".2f")):
         image = ax.imshow(matrix, cmap="Blues", vmin=0)
@@ -38,7 +39,8 @@ def confusion_figure(counts: np.ndarray, normalized: np.ndarray,
 def history_figure(history: Sequence[dict[str, float]]) -> Figure:
     """Loss and accuracy per epoch, train vs validation."""
     epochs = [row["epoch"] for row in history]
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    fig = Figure(figsize=(11, 4), layout="constrained")
+    loss_ax, acc_ax = fig.subplots(1, 2)
     for ax, metric in ((loss_ax, "loss"), (acc_ax, "acc")):
         for split in ("train", "val"):
             ax.plot(epochs, [row[f"{split}_{metric}"] for row in history], marker="o",
@@ -52,8 +54,44 @@ def history_figure(history: Sequence[dict[str, float]]) -> Figure:
     return fig
 
 
+def per_class_accuracy_figure(accuracies: Sequence[float], class_names: Sequence[str],
+                              overall: float) -> Figure:
+    """Accuracy on each true class (its recall) as bars, the overall accuracy as a line."""
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.bar(range(len(class_names)), accuracies, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{a:.2f}" for a in accuracies], fontsize=8)
+    ax.axhline(overall, color="tab:red", linestyle="--", label=f"overall {overall:.3f}")
+    ax.set_xticks(range(len(class_names)), class_names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("test accuracy (recall)")
+    ax.set_title("Test accuracy per class")
+    ax.legend(loc="lower right")
+    return fig
+
+
+def image_grid_figure(images: np.ndarray, captions: Sequence[str], title: str,
+                      columns: int = 6) -> Figure:
+    """uint8 images (N, 3, H, W) in a grid, each with its caption; an empty grid says so."""
+    rows = max(1, -(-len(images) // columns))
+    fig = Figure(figsize=(columns * 1.8, rows * 2.1 + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+    for ax in axes:
+        ax.axis("off")
+    for ax, image, caption in zip(axes, images, captions):
+        ax.imshow(np.transpose(image, (1, 2, 0)), interpolation="nearest")
+        ax.set_title(caption, fontsize=8)
+    if not len(images):
+        axes[0].text(0.5, 0.5, "none", ha="center", va="center")
+    fig.suptitle(title)
+    return fig
+
+
 def save(fig: Figure, path) -> None:
-    """Write ``fig`` as PNG atomically and free it."""
+    """Write ``fig`` as PNG atomically and free it (also a pyplot figure, such as Optuna's)."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    if fig.canvas.manager is not None:  # made by pyplot, which keeps it until closed
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

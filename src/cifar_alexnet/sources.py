@@ -14,39 +14,61 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE = PACKAGE_DIR.name
 
 
+def _file_of(module: str) -> Path | None:
+    """``core.train`` -> core/train.py, ``core`` -> core/__init__.py; None outside the package."""
+    base = PACKAGE_DIR.joinpath(*module.split(".")) if module else PACKAGE_DIR
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def _imported_modules(source: Path, module: str | None) -> set[str]:
-    """Names of the package's modules that ``source`` imports anywhere (lazy imports too)."""
-    found = set()
+    """The package's modules (dotted, relative to the package) that ``source`` imports anywhere,
+    lazy imports too. ``module`` is the source's own dotted name, None for a script."""
+    package_of_source = module.rsplit(".", 1)[0] if module and "." in module else ""
+    if source.name == "__init__.py":
+        package_of_source = module or ""
+    found: set[str] = set()
     for node in ast.walk(ast.parse(source.read_text(), str(source))):
         if isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names
+            found.update(a.name.removeprefix(f"{PACKAGE}.") for a in node.names
                          if a.name.startswith(f"{PACKAGE}."))
-        elif isinstance(node, ast.ImportFrom):
-            absolute = node.module == PACKAGE or (node.module or "").startswith(f"{PACKAGE}.")
-            if node.level == 0 and not absolute:
+            continue
+        if not isinstance(node, ast.ImportFrom):
+            continue
+        name = node.module or ""
+        if node.level == 0:
+            if name != PACKAGE and not name.startswith(f"{PACKAGE}."):
                 continue
-            if node.level > 0 and module is None:
-                continue  # a script outside the package has no relative imports
-            base = (node.module or "").removeprefix(PACKAGE).lstrip(".") if absolute \
-                else (node.module or "")
-            if base:
-                found.add(base.split(".")[0])
-            else:  # from . import tracking / from cifar_alexnet import tracking
-                found.update(a.name for a in node.names)
-    return {m for m in found if (PACKAGE_DIR / f"{m}.py").is_file()}
+            base = name.removeprefix(PACKAGE).lstrip(".")
+        elif module is None:
+            continue  # a script outside the package has no relative imports
+        else:
+            parts = package_of_source.split(".") if package_of_source else []
+            parts = parts[:len(parts) - (node.level - 1)]
+            base = ".".join([*parts, *([name] if name else [])])
+        found.add(base)
+        # `from cifar_alexnet import tracking`, `from . import study`: names may be modules
+        found.update(f"{base}.{a.name}".lstrip(".") for a in node.names)
+    return {m for m in found if _file_of(m) is not None}
 
 
 def module_files(*entries: str | Path) -> list[Path]:
-    """The package files that ``entries`` (module names such as ``"train"``, or script paths)
-    import, directly or not, with ``__init__.py``; sorted."""
+    """The package files that ``entries`` (dotted module names such as ``"core.train"``, or
+    script paths) import, directly or not, with every ``__init__.py`` Python runs on the way;
+    sorted."""
     todo = [(Path(e), None) if isinstance(e, Path) or str(e).endswith(".py")
-            else (PACKAGE_DIR / f"{e}.py", str(e)) for e in entries]
+            else (_file_of(str(e)), str(e)) for e in entries]
     seen: set[Path] = set()
     while todo:
         path, module = todo.pop()
-        if path in seen:
+        if path is None or path in seen:
             continue
         seen.add(path)
-        todo += [(PACKAGE_DIR / f"{m}.py", m) for m in _imported_modules(path, module)]
-    files = {p for p in seen if p.parent == PACKAGE_DIR} | {PACKAGE_DIR / "__init__.py"}
-    return sorted(files)
+        if module:  # importing a.b.c runs a/__init__.py and a/b/__init__.py first
+            parents = module.split(".")[:-1]
+            todo += [(_file_of(".".join(parents[:i])), ".".join(parents[:i]) or None)
+                     for i in range(1, len(parents) + 1)]
+        todo += [(_file_of(m), m) for m in _imported_modules(path, module)]
+    return sorted({p for p in seen if PACKAGE_DIR in p.parents} | {PACKAGE_DIR / "__init__.py"})

@@ -19,6 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -32,11 +33,11 @@ from mlflow.data.meta_dataset import MetaDataset
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from .config import Params, flatten
-from .errors import PipelineError
-from .redact import redact_url
-from .train import StopAfterCheckpoint
-from .workspace import dvc_experiment_tags, project_root
+from cifar_alexnet.config import Params, flatten
+from cifar_alexnet.errors import PipelineError
+from cifar_alexnet.redact import redact_url
+from cifar_alexnet.core.train import StopAfterCheckpoint
+from cifar_alexnet.workspace import dvc_experiment_tags, project_root
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
 HEALTH_TIMEOUT_S = 5
 
 MODEL_ARTIFACT = "model"
+CLASS_NAMES_KEY = "class_names"  # in the logged model's metadata
 DEFAULT_DB, DEFAULT_ARTIFACTS = "mlflow.db", "mlruns"
 # Marks a model-training (not GenAI) experiment. The MLflow 3.17 UI ignores it and opens on the
 # GenAI overview unless the link says ?workflowType=machine_learning (see experiment_url); earlier
@@ -497,8 +499,10 @@ def log_files(paths: Sequence[str | Path], artifact_dir: str) -> None:
 
 
 @_artifact_write
-def log_model(model: torch.nn.Module, example_images: np.ndarray) -> str:
-    """Log the model (pt2 format: no pickle) with a signature and an input example.
+def log_model(model: torch.nn.Module, example_images: np.ndarray,
+              class_names: Sequence[str]) -> str:
+    """Log the model (pt2 format: no pickle) with a signature, an input example and the class
+    names (model metadata, so a served or loaded model's outputs can be named).
 
     The model is moved to the CPU (where it is exported). ``example_images`` must hold at least
     2 images: torch.export bakes a batch of 1 into the
@@ -510,9 +514,93 @@ def log_model(model: torch.nn.Module, example_images: np.ndarray) -> str:
     info = mlflow.pytorch.log_model(
         model, name=MODEL_ARTIFACT, input_example=example_images,
         signature=infer_signature(example_images, logits),
-        serialization_format="pt2",
+        serialization_format="pt2", metadata={CLASS_NAMES_KEY: list(class_names)},
         # An explicit list skips MLflow's slow requirement inference.
         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
     )
     return info.model_uri
+
+
+def load_logged_model(model_uri: str) -> tuple[Callable[[np.ndarray], np.ndarray], list[str] | None]:
+    """A logged model (``runs:/<id>/model``, ``models:/<name>@<alias>``, ``models:/m-<id>`` ...)
+    as a function of uint8 (N, 3, 32, 32) images to logits, and its class names (None for a
+    model logged without them)."""
+    use_default_store()
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as exc:
+        raise PipelineError(f"cannot load the MLflow model {redact_url(model_uri)} from "
+                            f"{redact_url(mlflow.get_tracking_uri())}: {exc.message}") from None
+    names = (model.metadata.metadata or {}).get(CLASS_NAMES_KEY)
+    return (lambda images: np.asarray(model.predict(images))), names
+
+
+# --- the Model Registry --------------------------------------------------------------------------
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+ACCURACY_TAG = "test_accuracy"  # on a model version: what the promotion gate compares
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """What the promotion gate decided for one newly registered version."""
+    name: str
+    version: str
+    alias: str                      # CHAMPION or CHALLENGER
+    accuracy: float
+    champion_version: str | None    # the champion before this decision (None: there was none)
+    champion_accuracy: float | None
+
+    def describe(self) -> str:
+        before = (f"champion was version {self.champion_version} with "
+                  f"{_fmt(self.champion_accuracy)}" if self.champion_version else
+                  "there was no champion")
+        verdict = ("higher: it is the new @champion" if self.alias == CHAMPION
+                   else "not higher: the champion stays; this version is @challenger")
+        return (f"registered {self.name} version {self.version} with test accuracy "
+                f"{_fmt(self.accuracy)}; {before}; {verdict}")
+
+
+def _fmt(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.4f}"
+
+
+def _version_accuracy(client: mlflow.MlflowClient, version: Any) -> float | None:
+    """A version's test accuracy: its tag, else its run's ``test/accuracy`` metric."""
+    if ACCURACY_TAG in version.tags:
+        return float(version.tags[ACCURACY_TAG])
+    if version.run_id:
+        try:
+            return client.get_run(version.run_id).data.metrics.get("test/accuracy")
+        except MlflowException:
+            return None
+    return None
+
+
+def register_and_gate(model_uri: str, name: str, accuracy: float) -> Promotion:
+    """Register ``model_uri`` as a new version of ``name`` and move ``@champion`` to it only if
+    its test accuracy beats the champion's (a tie keeps the champion, as does a champion whose
+    accuracy is unknown, e.g. promoted by hand); otherwise it gets ``@challenger``. The decision
+    is tagged on the active run and on the version."""
+    client = mlflow.MlflowClient()
+    with warnings.catch_warnings():  # MLflow warns that registering may take a while
+        warnings.simplefilter("ignore")
+        version = mlflow.register_model(model_uri, name,
+                                        tags={ACCURACY_TAG: repr(float(accuracy))})
+    try:
+        champion = client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        champion = None
+    champion_accuracy = _version_accuracy(client, champion) if champion else None
+    promote = champion is None or (champion_accuracy is not None
+                                   and accuracy > champion_accuracy)
+    alias = CHAMPION if promote else CHALLENGER
+    client.set_registered_model_alias(name, alias, version.version)
+    decision = Promotion(name, str(version.version), alias, float(accuracy),
+                         str(champion.version) if champion else None, champion_accuracy)
+    client.set_model_version_tag(name, version.version, "promotion", decision.describe())
+    mlflow.set_tags({"registry.model": name, "registry.version": decision.version,
+                     "registry.alias": alias,
+                     "registry.champion_before": decision.champion_version or "none"})
+    return decision
 

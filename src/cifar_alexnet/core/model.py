@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .archive import IMAGE_SHAPE, NUM_CLASSES
-from .config import ModelConfig
+from cifar_alexnet.core.cifar10 import IMAGE_SHAPE, NUM_CLASSES
+from cifar_alexnet.config import ModelConfig
 
 
 @dataclass(frozen=True)

@@ -37,8 +37,8 @@ from typing import Any, Sequence
 
 import yaml
 
-from .config import flatten
-from .io import write_json
+from cifar_alexnet.config import flatten
+from cifar_alexnet.io import write_json
 
 CHECK_KEYS = {"abs", "rel", "min", "why"}
 

@@ -6,6 +6,7 @@ callbacks. The dataset lives on the training device whole and batches are augmen
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import errno
 import logging
@@ -15,7 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Protocol
+from typing import Any, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -23,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .config import TrainConfig
-from .errors import PipelineError
-from .io import atomic_path
-from .model import FlipTTA
-from .transforms import random_crop_flip
+from cifar_alexnet.config import TrainConfig
+from cifar_alexnet.errors import PipelineError
+from cifar_alexnet.io import atomic_path
+from cifar_alexnet.core.model import FlipTTA
+from cifar_alexnet.core.transforms import random_crop_flip
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,29 @@ def resolve_device(name: str) -> torch.device:
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
-    """Seed every RNG; on CPU also insist on deterministic kernels (bit-identical reruns)."""
+    """Seed every RNG (``device``: kept for callers; CUDA's generators follow manual_seed)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if device.type == "cpu":
-        torch.use_deterministic_algorithms(True)
+
+
+@contextlib.contextmanager
+def kernel_settings(device: torch.device, cudnn_benchmark: bool = False) -> Iterator[None]:
+    """Deterministic kernels on CPU (bit-identical reruns), cuDNN autotuning on CUDA when asked;
+    the process's previous settings come back on exit, so a caller of fit/predict (a notebook,
+    another library's tests) keeps its own."""
+    previous = (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark)
+    try:
+        if device.type == "cpu":
+            torch.use_deterministic_algorithms(True)
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = cudnn_benchmark
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
 
 
 def to_device(images: np.ndarray, labels: np.ndarray,
@@ -114,15 +132,16 @@ def predict(model: nn.Module, images: torch.Tensor, batch_size: int,
         model = FlipTTA(model)
     was_training = model.training
     model.eval()
-    try:
-        outputs = []
-        for i in range(0, len(images), batch_size):
-            batch = accel.layout(images[i:i + batch_size])
-            with accel.autocast():
-                outputs.append(model(batch).float())
-        return torch.cat(outputs)
-    finally:
-        model.train(was_training)
+    with kernel_settings(images.device):
+        try:
+            outputs = []
+            for i in range(0, len(images), batch_size):
+                batch = accel.layout(images[i:i + batch_size])
+                with accel.autocast():
+                    outputs.append(model(batch).float())
+            return torch.cat(outputs)
+        finally:
+            model.train(was_training)
 
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -196,12 +215,21 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
     Passing such a checkpoint as ``resume`` continues after its epoch exactly as if the run had
     not stopped (bit-identical on CPU). Every callback gets each new epoch's row.
     """
+    device = train[0].device
+    with kernel_settings(device, cfg.cudnn_benchmark):
+        return _fit(model, train, val, cfg, seed, checkpoint_path, checkpoint_extra, callbacks,
+                    eval_batch_size, resume)
+
+
+def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
+         val: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, seed: int,
+         checkpoint_path: str | Path | None, checkpoint_extra: dict[str, Any] | None,
+         callbacks: Iterable[EpochCallback], eval_batch_size: int,
+         resume: dict[str, Any] | None) -> TrainResult:
     train_images, train_labels = train
     val_images, val_labels = val
     device = train_images.device
     accel = Accel.for_config(cfg, device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = cfg.cudnn_benchmark
     model = accel.prepare_model(model)
     # The compiled module shares parameters with `model`; state dicts come from `model` so
     # checkpoints load into an uncompiled network.

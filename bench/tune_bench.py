@@ -4,7 +4,7 @@ Runs ``tune.n_trials`` trials once per pruner in fresh SQLite studies (MLflow in
 store) and prints trials/hour, epochs spent vs. a no-pruning study, and the best validation
 value of each. Example (the CI configuration, on data prepared by `dvc repro prepare`):
 
-    python pipeline/tune_bench.py --params .ci/params.yaml --data data/prepared \\
+    python bench/tune_bench.py --params .ci/params.yaml --data data/prepared \\
         --set tune.n_trials=12 --pruners median none
 """
 
@@ -29,7 +29,9 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="tune-bench-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     os.environ.pop("CIFAR_TUNE_STORAGE", None)  # it would override the fresh studies below
-    from cifar_alexnet.tune import run_study, summarize  # after the tracking URI is set
+    # imported after the tracking URI is set
+    from cifar_alexnet.tune.objective import run_study
+    from cifar_alexnet.tune.report import summarize
 
     rows = []
     for pruner in args.pruners:

@@ -7,12 +7,12 @@ table last and writes every figure, the device, the versions and the params to a
 import logging
 from pathlib import Path
 
-from cifar_alexnet import bench
+from cifar_alexnet.tools import bench
 from cifar_alexnet.cli import parse_params, run_stage, stage_parser
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.io import write_json
-from cifar_alexnet.prepare import SPLITS
-from cifar_alexnet.train import resolve_device
+from cifar_alexnet.core.data import SPLITS
+from cifar_alexnet.core.train import resolve_device
 
 log = logging.getLogger("bench")
 

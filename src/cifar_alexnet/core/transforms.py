@@ -1,4 +1,5 @@
-"""Training augmentation, applied to whole batches on the training device (no per-image loop).
+"""Image transforms: training augmentation, applied to whole batches on the training device (no
+per-image loop), and the resize that turns any picture into a CIFAR-sized input.
 
 Normalisation is not here: it is the model's first layer (:class:`model.InputAdapter`).
 """
@@ -30,3 +31,20 @@ def random_crop_flip(images: torch.Tensor, generator: torch.Generator,
     batch = torch.arange(n, device=device)[:, None, None]
     crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (N, H, W, C)
     return crops.permute(0, 3, 1, 2).contiguous()
+
+
+def fit_to_input(image: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Any uint8 RGB image (3, H, W) as a (3, size, size) uint8 input, the way CIFAR-10 was
+    made (whole photographs scaled down): the shorter side resized to ``size`` (bilinear with
+    antialiasing), then the centre cropped to a square. A ``size`` x ``size`` image is returned
+    unchanged, so a CIFAR image saved losslessly is classified exactly as in evaluation."""
+    _, h, w = image.shape
+    if (h, w) == (size, size):
+        return image
+    scale = size / min(h, w)
+    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    resized = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bilinear",
+                            antialias=True, align_corners=False)[0]
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    crop = resized[:, top:top + size, left:left + size]
+    return crop.round().clamp(0, 255).to(torch.uint8)

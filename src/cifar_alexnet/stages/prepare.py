@@ -1,27 +1,21 @@
-"""Prepared dataset: seeded stratified train/val split, train-only statistics, compact arrays.
-
-Format (``data/prepared/``): ``{train,val,test}.npz`` holding ``images`` (N, 3, 32, 32) uint8 and
-``labels`` (N,) int64 - 150 MB for full CIFAR-10, small enough to put on a GPU whole - and
-``meta.json`` with class names, per-channel mean/std (train split only) and split sizes.
-"""
+"""The prepare stage: seeded stratified train/val split, train-only statistics, compact arrays
+written in the format that :mod:`cifar_alexnet.core.data` reads."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
-from .archive import NUM_CLASSES, REPLACE_HINT, Batch, Cifar10
-from .errors import DataError
-from .io import atomic_dir, atomic_path, read_json, write_json
+from cifar_alexnet.core.archive import REPLACE_HINT, Batch, Cifar10
+from cifar_alexnet.core.cifar10 import NUM_CLASSES
+from cifar_alexnet.core.data import META_NAME, SPLITS, DatasetMeta
+from cifar_alexnet.errors import DataError
+from cifar_alexnet.io import atomic_dir, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
-META_NAME = "meta.json"
 OUTPUT_FILES = (*(f"{split}.npz" for split in SPLITS), META_NAME)
 
 
@@ -43,19 +37,6 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-channel mean and std of uint8 images (N, C, H, W), in [0, 1] units."""
     pixels = images.astype(np.float64) / 255.0
     return pixels.mean(axis=(0, 2, 3)).tolist(), pixels.std(axis=(0, 2, 3)).tolist()
-
-
-@dataclass(frozen=True)
-class DatasetMeta:
-    class_names: tuple[str, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    sizes: dict[str, int]
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "DatasetMeta":
-        return cls(tuple(raw["class_names"]), tuple(raw["mean"]), tuple(raw["std"]),
-                   dict(raw["sizes"]))
 
 
 def prepare(data: Cifar10, val_size: float, seed: int, out_dir: str | Path,
@@ -97,25 +78,3 @@ def prepare(data: Cifar10, val_size: float, seed: int, out_dir: str | Path,
     log.info("prepared %s -> %s (mean %s, std %s)", meta.sizes, out_dir,
              np.round(mean, 4).tolist(), np.round(std, 4).tolist())
     return meta
-
-
-def load_meta(prepared_dir: str | Path) -> DatasetMeta:
-    path = Path(prepared_dir) / META_NAME
-    try:
-        return DatasetMeta.from_dict(read_json(path))
-    except FileNotFoundError:
-        raise DataError(f"{path} not found; run the prepare stage first (dvc repro prepare)") \
-            from None
-
-
-def load_split(prepared_dir: str | Path, split: str) -> Batch:
-    """Load one prepared split as numpy arrays (uint8 images, int64 labels)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    path = Path(prepared_dir) / f"{split}.npz"
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            return Batch(npz["images"], npz["labels"])
-    except FileNotFoundError:
-        raise DataError(f"{path} not found; run the prepare stage first (dvc repro prepare)") \
-            from None

@@ -1,7 +1,7 @@
 """Benchmark: a tutorial-style baseline vs. the project's trainer, time-to-accuracy and TFLOP/s.
 
 Torch (and torchvision for the baseline) only, so it runs on the GPU machine as well as on CPU.
-Every function returns numbers; ``pipeline/bench.py`` prints the table and writes the JSON.
+Every function returns numbers; ``bench/bench.py`` prints the table and writes the JSON.
 
 * Throughput is measured over whole training steps (data, augmentation, forward, backward,
   optimizer step) after a warm-up, between CUDA events (``perf_counter`` on CPU).
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import platform
 import tempfile
@@ -31,12 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .archive import IMAGE_SHAPE, read_archive
-from .config import ModelConfig, Params, TrainConfig
-from .errors import PipelineError
-from .model import build_model, count_parameters
-from .prepare import SPLITS, load_meta, load_split, prepare
-from .train import Accel, fit, make_optimizer, predict, seed_everything, to_device
+from cifar_alexnet.core.archive import read_archive
+from cifar_alexnet.core.cifar10 import IMAGE_SHAPE
+from cifar_alexnet.config import ModelConfig, Params, TrainConfig
+from cifar_alexnet.errors import PipelineError
+from cifar_alexnet.core.model import build_model, count_parameters
+from cifar_alexnet.core.data import SPLITS, load_meta, load_split
+from cifar_alexnet.stages.prepare import prepare
+from cifar_alexnet.core.train import Accel, fit, make_optimizer, predict, seed_everything, to_device
 
 log = logging.getLogger(__name__)
 
@@ -129,38 +130,40 @@ def load_archive(path: str | Path, val_size: float, seed: int) -> BenchData:
 # FLOPs and peaks
 
 
-def multiply_adds(model: nn.Module, input_shape: tuple[int, ...] = IMAGE_SHAPE) -> int:
-    """Multiply-accumulates of every Conv2d and Linear layer for one image (forward pass).
+def _counted_flops(model: nn.Module, input_shape: tuple[int, ...], backward: bool) -> int:
+    """FLOPs per image that torch's FlopCounterMode counts (convolutions and matrix products,
+    2 per multiply-add) on a real pass of a batch of 2 on the model's device; with
+    ``backward``, a training step's forward and backward (eval-mode layers, so the count does
+    not depend on dropout's draw)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-    Counted with forward hooks on a real forward pass (a batch of 2 in eval mode, on the model's
-    device), so the count follows whatever the model actually computes.
-    """
-    total = 0
-
-    def count(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
-        nonlocal total
-        per_output = (module.in_channels // module.groups * math.prod(module.kernel_size)
-                      if isinstance(module, nn.Conv2d) else module.in_features)
-        total += output[0].numel() * per_output  # output[0]: one image's outputs
-
-    hooks = [m.register_forward_hook(count) for m in model.modules()
-             if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        with torch.no_grad():
-            model(torch.zeros(2, *input_shape, dtype=torch.uint8, device=device))
+        images = torch.zeros(2, *input_shape, dtype=torch.uint8, device=device)
+        with FlopCounterMode(display=False) as counter:
+            if backward:
+                model(images).sum().backward()
+            else:
+                with torch.no_grad():
+                    model(images)
+        model.zero_grad(set_to_none=True)
     finally:
         model.train(was_training)
-        for hook in hooks:
-            hook.remove()
-    return total
+    return counter.get_total_flops() // 2
+
+
+def multiply_adds(model: nn.Module, input_shape: tuple[int, ...] = IMAGE_SHAPE) -> int:
+    """Multiply-accumulates of one image's forward pass."""
+    return _counted_flops(model, input_shape, backward=False) // 2
 
 
 def flops_per_image(model: nn.Module, input_shape: tuple[int, ...] = IMAGE_SHAPE) -> int:
-    """Training FLOPs per image: 2 FLOPs per multiply-add, x3 for forward + backward."""
-    return 3 * 2 * multiply_adds(model, input_shape)
+    """Training FLOPs per image: forward and backward as counted (about 3x the forward: the
+    backward computes weight and input gradients, except the input gradient of the first
+    layer, which nothing needs)."""
+    return _counted_flops(model, input_shape, backward=True)
 
 
 def peak_tflops_for_name(device_name: str) -> float | None:

@@ -12,9 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from .cli import parse_params, run_stage, stage_parser
-from .redact import redact_url
-from .tune import open_study, progress, run_study, storage_url, summarize, write_trials_csv
+from cifar_alexnet.cli import parse_params, run_stage, stage_parser
+from cifar_alexnet.redact import redact_url
+from .objective import run_study
+from .report import summarize, write_trials_csv
+from .study import open_study, progress, storage_url
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .archive import (ARCHIVE_DIR, IMAGE_SHAPE, META_FILE, NUM_CLASSES, OFFICIAL_CLASS_NAMES,
-                      TEST_BATCH, TRAIN_BATCHES)
-from .download import md5sum
+from cifar_alexnet.core.archive import ARCHIVE_DIR, META_FILE, TEST_BATCH, TRAIN_BATCHES
+from cifar_alexnet.core.cifar10 import IMAGE_SHAPE, NUM_CLASSES, OFFICIAL_CLASS_NAMES
+from cifar_alexnet.stages.download import md5sum
 
 
 def make_images(n: int, rng: np.random.Generator, noise: float = 48.0) -> tuple[np.ndarray, list[int]]:

@@ -1,17 +1,16 @@
-"""The train and evaluate stages: training core + files + tracking, called by pipeline/ scripts.
+"""The train stage: fit on the train split, select on val, write ``models/``, log to MLflow.
 
-Stages meet at files: train reads ``data/prepared`` and writes ``models/``; evaluate reads both
-and is the only code that touches the test split.
+Stages meet at files: train reads ``data/prepared`` (and the tune stage's best params) and writes
+``models/``; it never reads the test split.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
+from io import StringIO
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Collection
 
@@ -19,29 +18,25 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid
 
-from . import tracking
-from .config import ModelConfig, Params
-from .best_params import load_best_params, tuned_params
-from .errors import DataError
-from .evaluate import evaluate_logits, write_reports
-from .io import write_json, write_text
-from .model import Classifier, FlipTTA, build_model, count_parameters, summary
-from .plots import history_figure, save as save_figure
-from .prepare import load_meta, load_split
-from .sources import module_files
-from .train import (HISTORY_FIELDS, Accel, fit, load_checkpoint, predict, resolve_device, save_checkpoint,
-                    seed_everything, to_device)
-from .transforms import random_crop_flip
+from cifar_alexnet import tracking
+from cifar_alexnet.best_params import load_best_params, tuned_params
+from cifar_alexnet.config import Params
+from cifar_alexnet.core.data import load_meta, load_split
+from cifar_alexnet.core.model import build_model, count_parameters, summary
+from cifar_alexnet.core.train import (HISTORY_FIELDS, fit, load_checkpoint, resolve_device,
+                                      save_checkpoint, seed_everything, to_device)
+from cifar_alexnet.core.transforms import random_crop_flip
+from cifar_alexnet.io import write_json, write_text
+from cifar_alexnet.plots import history_figure, save as save_figure
+from cifar_alexnet.sources import module_files
+
+from .artifacts import RUN_FILE, save_trained_model
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
-RUN_FILE = "mlflow_run.json"
-MODEL_URI_FILE = "mlflow_model.json"  # in reports/: the logged (evaluated) MLflow model
-
 
 def history_csv(history: list[dict[str, float]]) -> str:
-    buffer = io.StringIO()
+    buffer = StringIO()
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
     writer.writerows({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}
@@ -75,7 +70,7 @@ def apply_best_params(params: Params, best_params_path: Path | None,
 
 # The modules whose code decides what training computes (and so whether a checkpoint may be
 # resumed); with everything they import (sources.module_files).
-TRAINING_CORE = ("train", "model", "prepare")
+TRAINING_CORE = ("core.train", "core.model", "core.data")
 
 
 def training_fingerprint(params: Params) -> str:
@@ -86,7 +81,7 @@ def training_fingerprint(params: Params) -> str:
     relevant = {"base": tree["base"], "model": tree["model"], "train": tree["train"],
                 "data": {k: tree["data"][k] for k in ("md5", "val_size")},
                 "evaluate.batch_size": tree["evaluate"]["batch_size"],
-                "mlflow": tree["mlflow"]}
+                "mlflow.experiment": tree["mlflow"]["experiment"]}
     digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
     for source in module_files(*TRAINING_CORE):
         digest.update(source.read_bytes())
@@ -167,11 +162,8 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
                      callbacks=[tracking.EpochLogger()], eval_batch_size=params.evaluate.batch_size,
                      resume=resume)
         model.load_state_dict(result.best_state)
-        save_checkpoint(model_dir / MODEL_FILE, {
-            "model_state": model.state_dict(), "model_config": asdict(params.model),
-            "class_names": list(meta.class_names), "epoch": result.best_epoch,
-            "val_acc": result.best_val_acc, "mlflow_run_id": run_id,
-        })
+        save_trained_model(model_dir, model, meta.class_names, result.best_epoch,
+                           result.best_val_acc, run_id)
         last = result.history[-1]
         metrics = {"lr": params.train.lr, "dropout": params.model.dropout,
                    "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
@@ -196,54 +188,3 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
     if checkpoint_path is not None:
         checkpoint_path.unlink(missing_ok=True)  # done: nothing left to resume
     return metrics
-
-
-def load_trained_model(model_dir: Path) -> tuple[Classifier, dict[str, Any]]:
-    """Rebuild the exact trained model from the config stored beside its weights."""
-    path = model_dir / MODEL_FILE
-    if not path.is_file():
-        raise DataError(f"{path} not found; run the train stage first (dvc repro train)")
-    try:
-        payload = load_checkpoint(path)  # weights only: a pickled payload is never run
-        model = build_model(ModelConfig(**payload["model_config"]))
-        model.load_state_dict(payload["model_state"])  # also restores the normalisation buffers
-        payload["mlflow_run_id"]  # noqa: B018 (evaluate needs it: fail here, not half-way)
-    except Exception as exc:  # torch.load raises many types for damaged or foreign files
-        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-        raise DataError(
-            f"{path} cannot be loaded as this pipeline's model ({type(exc).__name__}: {reason}): "
-            "it is truncated, damaged or not written by the train stage. Restore it with "
-            "`dvc checkout models` or retrain with `dvc repro --force train`") from None
-    return model, payload
-
-
-def evaluate_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_path: Path,
-                   reports_dir: Path) -> dict[str, float]:
-    """Score the best model on the test split; write reports; log them to the training run."""
-    meta = load_meta(prepared_dir)
-    test = load_split(prepared_dir, "test")
-    device = resolve_device(params.train.device)
-    model, payload = load_trained_model(model_dir)
-    # Open the run first: if the store cannot be read, nothing has been written yet.
-    with tracking.evaluation_run(params, payload["mlflow_run_id"],
-                                 tracking.lineage_tags("evaluate", params.data.md5),
-                                 payload["model_config"]) as run_id:
-        # One module is evaluated, logged and served: the classifier, with flip TTA inside
-        # when evaluate.flip_tta is on, so `mlflow models serve` answers what was scored here.
-        tracking.log_dataset(params.data.url, params.data.md5, meta.sizes, "evaluation")
-        evaluated = FlipTTA(model) if params.evaluate.flip_tta else model
-        evaluated.to(device)
-        images, labels = to_device(test.images, test.labels, device)
-        logits = predict(evaluated, images, params.evaluate.batch_size,
-                         Accel.for_config(params.train, device))
-        evaluation = evaluate_logits(logits, labels, meta.class_names)
-        files = write_reports(evaluation, test.labels, meta.class_names, reports_dir)
-        write_json(metrics_path, evaluation.metrics)
-        log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
-        tracking.log_metrics(evaluation.metrics, prefix="test/")
-        tracking.log_files(files + [metrics_path], "evaluation")
-        model_uri = tracking.log_model(evaluated, test.images[:2])
-        write_json(reports_dir / MODEL_URI_FILE, {"run_id": run_id, "model_uri": model_uri,
-                                                  "trained_by_run_id": payload["mlflow_run_id"],
-                                                  "flip_tta": params.evaluate.flip_tta})
-    return evaluation.metrics

@@ -1,4 +1,4 @@
-"""The official CIFAR-10 python archive format, read safely, and the constants that define it.
+"""The official CIFAR-10 python archive format, read safely.
 
 The batches are pickles. ``pickle.load`` on a file from the internet can run arbitrary code, so
 the archive is read with an unpickler that admits only what a CIFAR batch contains: dicts, lists,
@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DataError
+from cifar_alexnet.core.cifar10 import IMAGE_SHAPE, NUM_CLASSES
+from cifar_alexnet.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -30,11 +31,6 @@ ARCHIVE_DIR = "cifar-10-batches-py"
 TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_BATCH = "test_batch"
 META_FILE = "batches.meta"
-NUM_CLASSES = 10
-# Written into batches.meta of the official archive; the pipeline reads names from there.
-OFFICIAL_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer",
-                        "dog", "frog", "horse", "ship", "truck")
-IMAGE_SHAPE = (3, 32, 32)  # channel-major, exactly as the archive stores each 3072-byte row
 # Caps from what CIFAR-10 is: each official batch is 31 035 704 bytes (10 000 rows of 3 072 + the
 # pickle's framing), batches.meta 158, all seven members 177 MB. A member or an archive claiming
 # more is not CIFAR-10 and would only be read into memory to be rejected (a decompression bomb

@@ -17,10 +17,10 @@ from typing import BinaryIO, Iterator
 
 from tqdm import tqdm
 
-from .config import DATA_PASSWORD_ENV, DATA_URL_ENV, DATA_USER_ENV
-from .errors import DataError
-from .io import atomic_path, remove_dead_writers_files
-from .redact import redact_url
+from cifar_alexnet.config import DATA_PASSWORD_ENV, DATA_URL_ENV, DATA_USER_ENV
+from cifar_alexnet.errors import DataError
+from cifar_alexnet.io import atomic_path, remove_dead_writers_files
+from cifar_alexnet.redact import redact_url
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,2 @@
+"""Optuna tuning of ``train.lr`` and ``model.dropout`` on the validation split: the study,
+the objective that wraps training, its reports and the ``cifar-study`` command."""

@@ -1,0 +1,156 @@
+"""What a study hands on: best params, summary, trials CSV and plots, rewritten from its state."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from cifar_alexnet import tracking
+from cifar_alexnet.best_params import BEST_PARAMS_FILE, DROPOUT, LR, write_best_params
+from cifar_alexnet.config import Params
+from cifar_alexnet.errors import PipelineError
+from cifar_alexnet.io import write_json, write_text
+from cifar_alexnet.plots import save as save_figure
+from cifar_alexnet.redact import redact_url
+
+from .study import _retried_numbers, configured_storage, progress
+
+log = logging.getLogger(__name__)
+
+SUMMARY_FILE, STUDY_FILE, TRIALS_FILE, PLOTS_DIR = (
+    "summary.json", "study.json", "trials.csv", "plots")
+
+
+def summarize(study: optuna.Study, params: Params) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    state = progress(study)
+    retried = _retried_numbers(trials)
+    counted = [t for t in trials if t.state.is_finished()
+               and not (t.state == TrialState.FAIL and t.number in retried)]
+    epochs_spent = sum(int(t.user_attrs.get("epochs_run", 0)) for t in trials)
+    best = _best_trial(study)
+    return {
+        "study_name": study.study_name,
+        "storage": redact_url(configured_storage(params)),
+        "metric": params.tune.metric,
+        "direction": params.tune.direction,
+        "best_value": best.value if best else None,
+        "best_trial": best.number if best else None,
+        "best_params": dict(best.params) if best else {},
+        # How far the best trial leads the runner-up: a lead within the noise of the metric
+        # (a few validation images) means another run could pick the other trial.
+        "best_margin": best_margin(study),
+        "trials_complete": state.complete,
+        "trials_pruned": state.pruned,
+        "trials_failed": state.failed,
+        "trials_retried": len(retried),
+        "trials_running": state.running,
+        "epochs_per_trial": params.tune.epochs_per_trial,
+        # every epoch any trial ran, including trials that failed or were retried
+        "epochs_spent": epochs_spent,
+        "epochs_without_pruning": len(counted) * params.tune.epochs_per_trial,
+    }
+
+
+def best_margin(study: optuna.Study) -> float | None:
+    """|best - runner-up| over the COMPLETE trials; None with fewer than two."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    values = sorted((t.value for t in complete),
+                    reverse=study.direction == optuna.study.StudyDirection.MAXIMIZE)
+    return abs(values[0] - values[1]) if len(values) >= 2 else None
+
+
+def _best_trial(study: optuna.Study) -> FrozenTrial | None:
+    try:
+        return study.best_trial
+    except ValueError:  # no COMPLETE trial yet
+        return None
+
+
+def write_outputs(study: optuna.Study, params: Params, out_dir: Path,
+                  log_to_mlflow: bool = True) -> dict[str, Any]:
+    """best_params.yaml, summary.json, study.json, trials.csv and plots/ under ``out_dir``, all
+    rewritten from the study's current state; logged to the active MLflow run."""
+    summary = summarize(study, params)
+    if summary["best_trial"] is None:  # raised inside the study run: it is marked FAILED
+        state = progress(study)
+        raise PipelineError(
+            f"study {study.study_name} has no completed trial ({state.pruned} pruned, "
+            f"{state.failed} failed; `cifar-study export trials.csv` lists them with their "
+            "fail_reason). Lower tune.lr_high if losses diverged, or raise tune.n_trials or "
+            "tune.epochs_per_trial")
+    write_trials_csv(study, out_dir / TRIALS_FILE)
+    plots = write_plots(study, out_dir / PLOTS_DIR)
+    write_best_params(out_dir / BEST_PARAMS_FILE, summary["best_params"],
+                      summary["study_name"], summary["best_trial"], summary["metric"],
+                      summary["best_value"])
+    write_summary(out_dir, summary)
+    if log_to_mlflow:
+        tracking.log_files([out_dir / BEST_PARAMS_FILE, out_dir / SUMMARY_FILE,
+                            out_dir / STUDY_FILE, out_dir / TRIALS_FILE], "tune")
+        tracking.log_files(plots, "tune/plots")
+    return summary
+
+
+def write_disabled(out_dir: Path) -> None:
+    """tune.n_trials: 0. Empty best params (training uses params.yaml), a summary that says so."""
+    write_best_params(out_dir / BEST_PARAMS_FILE, {}, None, None)
+    write_summary(out_dir, {"study_name": None, "trials_complete": 0,
+                            "note": "tune.n_trials is 0; tuning skipped"})
+    write_text(out_dir / TRIALS_FILE, "")
+    _clear_plots(out_dir / PLOTS_DIR)
+
+
+def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
+    """summary.json (a DVC metric) gets the numbers; study.json the words (name, storage,
+    metric, direction, notes): strings in a DVC metric become columns thousands of characters
+    wide in `dvc exp show`."""
+    numbers = {k: v for k, v in summary.items() if not isinstance(v, str) and k != "study_name"}
+    words = {k: v for k, v in summary.items() if isinstance(v, str) or k == "study_name"}
+    write_json(out_dir / SUMMARY_FILE, numbers)
+    write_json(out_dir / STUDY_FILE, words)
+
+
+def write_trials_csv(study: optuna.Study, path: Path) -> None:
+    frame = study.trials_dataframe(attrs=("number", "value", "state", "params", "user_attrs",
+                                          "datetime_start", "datetime_complete", "duration"))
+    write_text(path, frame.to_csv(index=False))
+
+
+def _clear_plots(plot_dir: Path) -> None:
+    """An empty plots/: it persists across runs (dvc.yaml), and a plot that cannot be drawn
+    now must not be left from an earlier study."""
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for stale in plot_dir.glob("*.png"):
+        stale.unlink()
+
+
+def write_plots(study: optuna.Study, plot_dir: Path) -> list[Path]:
+    """History, importances and an lr x dropout contour as PNG; skipped with a log line when
+    the study is too small for one (importances need 2+ completed trials)."""
+    from optuna.visualization import matplotlib as optuna_plots
+
+    _clear_plots(plot_dir)
+    makers = {"optimization_history.png": lambda: optuna_plots.plot_optimization_history(study),
+              "param_importances.png": lambda: optuna_plots.plot_param_importances(study),
+              "lr_dropout_contour.png": lambda: optuna_plots.plot_contour(
+                  study, params=[LR, DROPOUT])}
+    written = []
+    for name, make in makers.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                axes = make()
+        except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+            log.warning("skipping %s: %s", name, exc)
+            continue
+        figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
+        figure.set_size_inches(8, 6)
+        save_figure(figure, plot_dir / name)
+        written.append(plot_dir / name)
+    return written

@@ -1,0 +1,154 @@
+"""Helpers the test modules import (`from helpers import ...`): project copies, subprocess
+runners, tiny params, ports. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "MLproject", "pipeline", "src", ".dvc/config",
+                 ".dvcignore", ".gitignore", "data/.gitignore")
+
+
+# Tiny CPU settings that still learn the synthetic classes in seconds.
+TINY = {
+    "model": {"arch": "alexnet", "width": 0.0625, "dropout": 0.1},
+    "train": {"epochs": 4, "batch_size": 32, "optimizer": "adamw", "lr": 0.002,
+              "weight_decay": 0.0005, "schedule": "onecycle", "device": "cpu"},
+    # A study small enough for the end-to-end tests; tests/test_tune.py varies it.
+    "tune": {"n_trials": 2, "epochs_per_trial": 2, "lr_low": 0.0005, "lr_high": 0.005,
+             "dropout_low": 0.0, "dropout_high": 0.5, "heartbeat_seconds": 1},
+}
+
+
+@dataclass(frozen=True)
+class Archive:
+    path: Path
+    md5: str
+
+    @property
+    def url(self) -> str:
+        return self.path.resolve().as_uri()
+
+
+def default_params() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def tiny_params(archive: Archive, **sections: dict[str, Any]) -> dict[str, Any]:
+    """The project's params.yaml pointed at ``archive`` with TINY settings (+ overrides)."""
+    raw = default_params()
+    raw["data"].update(url=archive.url, md5=archive.md5)
+    for section, values in [*TINY.items(), *sections.items()]:
+        raw[section].update(values)
+    return raw
+
+
+def write_params(path: Path, raw: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: this interpreter's bin first (DVC runs `python`)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MLFLOW_RUN_ID", None)
+    env.update(extra)
+    return env
+
+
+def make_project(dest: Path, raw_params: dict[str, Any]) -> Path:
+    """A fresh git repository holding the project's pipeline files and the given params."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__",
+                                                                              "*.egg-info"))
+        elif src.exists():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    write_params(dest / "params.yaml", raw_params)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True)
+    subprocess.run([*git, "commit", "-qm", "project"], cwd=dest, check=True)
+    return dest
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=subprocess_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def dvc(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "dvc", *args], cwd=cwd, timeout=timeout)
+
+
+def stage_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(ROOT / "pipeline" / f"{name}.py"), *args], cwd=cwd)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_http(url: str, process: subprocess.Popen, seconds: int, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        assert process.poll() is None, f"{what} exited early"
+        assert time.monotonic() < deadline, f"{what} did not answer {url} in {seconds} s"
+        time.sleep(0.5)
+
+
+class MlflowServer:
+    """A real `mlflow server` on 127.0.0.1 over one sqlite store, in its own process group:
+    ``kill()`` is a crash, ``start()`` brings it back, ``with`` stops it cleanly at the end."""
+
+    def __init__(self, store: Path, cwd: Path) -> None:
+        self.store, self.cwd, self.port = store, cwd, free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "MlflowServer":
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+             f"sqlite:///{self.store}", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            cwd=self.cwd, env=subprocess_env(), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, start_new_session=True)
+        wait_for_http(f"{self.uri}/health", self.process, 90, "mlflow server")
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        os.killpg(self.process.pid, sig)
+        self.process.wait(timeout=30)
+
+    def __enter__(self) -> "MlflowServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.kill(signal.SIGTERM)
