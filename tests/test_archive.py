@@ -18,7 +18,8 @@ import cifar_alexnet.core.archive as archive_module
 from cifar_alexnet.core.archive import ARCHIVE_DIR, read_archive
 from cifar_alexnet.core.cifar10 import OFFICIAL_CLASS_NAMES
 from cifar_alexnet.errors import DataError
-from cifar_alexnet.tools.synthetic import (archive_members, make_images, pickle_batch, special_member, write_tar_gz)
+from cifar_alexnet.tools.synthetic import (archive_members, make_images, pickle_batch, python2_batch,
+                                           special_member, write_tar_gz)
 
 
 def test_reads_official_layout_with_class_names(archive):
@@ -27,6 +28,25 @@ def test_reads_official_layout_with_class_names(archive):
     assert data.train.labels.dtype == np.int64 and set(data.train.labels) == set(range(10))
     assert data.test.images.shape == (200, 3, 32, 32)
     assert data.class_names == OFFICIAL_CLASS_NAMES
+
+
+def test_the_official_python2_pickles_are_read(tmp_path):
+    """The official batches were written by Python 2's cPickle: py2 strings, and the array's
+    dtype rebuilt as dtype('u1', 0, 1) with integer flags (not Python 3's False/True)."""
+    data, labels = make_images(40, np.random.default_rng(1))
+    blob = python2_batch(data, labels, "training batch 1 of 5")
+    assert b"cnumpy\ndtype\nU\x02u1K\x00K\x01\x87R" in blob  # the official form
+    members = archive_members(per_batch=40, n_test=40)
+    members[f"{ARCHIVE_DIR}/data_batch_1"] = blob
+    write_tar_gz(tmp_path / "official.tar.gz", members)
+    read = read_archive(tmp_path / "official.tar.gz")
+    assert np.array_equal(read.train.images[:40].reshape(40, -1), data)
+    assert read.train.labels[:40].tolist() == list(labels)
+    # align=1 (a padded struct dtype) is not what a CIFAR batch holds
+    members[f"{ARCHIVE_DIR}/data_batch_1"] = blob.replace(b"U\x02u1K\x00K\x01", b"U\x02u1K\x01K\x01")
+    write_tar_gz(tmp_path / "aligned.tar.gz", members)
+    with pytest.raises(DataError, match="refusing dtype"):
+        read_archive(tmp_path / "aligned.tar.gz")
 
 
 def test_batches_of_any_size_and_fewer_training_batches(tmp_path):

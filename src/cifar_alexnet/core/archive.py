@@ -62,7 +62,7 @@ def _reconstruct(subtype: Any, shape: Any, typecode: Any) -> np.ndarray:
 
 
 def _dtype(name: Any, align: Any = False, copy: Any = True) -> np.dtype:
-    if name not in ("u1", b"u1") or align is not False:
+    if name not in ("u1", b"u1") or align not in (False, 0):  # Python 2 pickles pass 0
         raise pickle.UnpicklingError(f"refusing dtype {name!r}: CIFAR-10 images are uint8")
     return np.dtype("u1")
 

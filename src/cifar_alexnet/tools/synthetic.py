@@ -12,6 +12,7 @@ import argparse
 import gzip
 import io
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -38,8 +39,46 @@ def make_images(n: int, rng: np.random.Generator, noise: float = 48.0) -> tuple[
     return images, labels.tolist()
 
 
+def _py2_string(value: bytes) -> bytes:
+    """A Python 2 ``str``: SHORT_BINSTRING or BINSTRING (what the official pickles hold)."""
+    if len(value) < 256:
+        return b"U" + bytes([len(value)]) + value
+    return b"T" + struct.pack("<I", len(value)) + value
+
+
+def _py2_int(value: int) -> bytes:
+    if 0 <= value < 256:
+        return b"K" + bytes([value])
+    if 0 <= value < 65536:
+        return b"M" + struct.pack("<H", value)
+    return b"J" + struct.pack("<i", value)
+
+
+def python2_batch(data: np.ndarray, labels: list[int], batch_label: str = "synthetic") -> bytes:
+    """A batch byte for byte in the official files' form: written by Python 2's cPickle
+    (protocol 2), so strings are py2 ``str`` and the uint8 array is rebuilt from
+    ``_reconstruct(ndarray, (0,), 'b')`` with a ``dtype('u1', 0, 1)`` (align and copy as ints),
+    which Python 3's pickle never writes."""
+    if data.dtype != np.uint8 or data.ndim != 2:
+        raise ValueError("python2_batch writes (N, 3072) uint8 rows")
+    dtype = (b"cnumpy\ndtype\n" + _py2_string(b"u1") + _py2_int(0) + _py2_int(1) + b"\x87R"
+             + b"(" + _py2_int(3) + _py2_string(b"|") + b"NNN" + b"J\xff\xff\xff\xff" * 2
+             + _py2_int(0) + b"tb")
+    array = (b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + _py2_int(0)
+             + b"\x85" + _py2_string(b"b") + b"\x87R"
+             + b"(" + _py2_int(1) + _py2_int(data.shape[0]) + _py2_int(data.shape[1]) + b"\x86"
+             + dtype + b"\x89" + _py2_string(data.tobytes()) + b"tb")
+    items = [(b"batch_label", _py2_string(batch_label.encode())),
+             (b"labels", b"](" + b"".join(_py2_int(int(v)) for v in labels) + b"e"),
+             (b"data", array),
+             (b"filenames", b"](" + b"".join(_py2_string(f"img_{i}.png".encode())
+                                             for i in range(len(labels))) + b"e")]
+    return (b"\x80\x02}(" + b"".join(_py2_string(k) + v for k, v in items) + b"u.")
+
+
 def pickle_batch(data: object, labels: object, batch_label: str = "synthetic") -> bytes:
-    """A batch pickled like the official files: protocol 2, bytes keys."""
+    """A batch as Python 3 pickles it (protocol 2, bytes keys): any ``data`` object, for the
+    tests that craft batches the reader must refuse. Archives use :func:`python2_batch`."""
     return pickle.dumps({b"batch_label": batch_label.encode(), b"labels": labels, b"data": data,
                          b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]},
                         protocol=2)
@@ -90,9 +129,9 @@ def archive_members(per_batch: int, n_test: int, seed: int = 0,
     members = {f"{ARCHIVE_DIR}/{META_FILE}": meta_pickle(per_batch)}
     for name in TRAIN_BATCHES[:n_train_batches]:
         data, labels = make_images(per_batch, rng, noise)
-        members[f"{ARCHIVE_DIR}/{name}"] = pickle_batch(data, labels, name)
+        members[f"{ARCHIVE_DIR}/{name}"] = python2_batch(data, labels, name)
     data, labels = make_images(n_test, rng, noise)
-    members[f"{ARCHIVE_DIR}/{TEST_BATCH}"] = pickle_batch(data, labels, TEST_BATCH)
+    members[f"{ARCHIVE_DIR}/{TEST_BATCH}"] = python2_batch(data, labels, TEST_BATCH)
     return members
 
 
