@@ -25,8 +25,10 @@ PROJECT_FILES = ("dvc.yaml", "params.yaml", "MLproject", "pipeline", "src", ".dv
 # Tiny CPU settings that still learn the synthetic classes in seconds.
 TINY = {
     "model": {"arch": "alexnet", "width": 0.0625, "dropout": 0.1},
+    # checkpoint_seconds 0: a checkpoint after every epoch, which the resume tests kill between
     "train": {"epochs": 4, "batch_size": 32, "optimizer": "adamw", "lr": 0.002,
-              "weight_decay": 0.0005, "schedule": "onecycle", "device": "cpu"},
+              "weight_decay": 0.0005, "schedule": "onecycle", "device": "cpu",
+              "checkpoint_seconds": 0},
     # A study small enough for the end-to-end tests; tests/test_tune.py varies it.
     "tune": {"n_trials": 2, "epochs_per_trial": 2, "lr_low": 0.0005, "lr_high": 0.005,
              "dropout_low": 0.0, "dropout_high": 0.5, "heartbeat_seconds": 1},

@@ -221,3 +221,28 @@ def test_smoke_run_end_to_end(tmp_path):
     assert results["time_to_accuracy"]["epochs_run"] >= 1
     assert proc.stdout.rstrip().splitlines()[-1].startswith("  (")  # the table comes last
     assert "speed-up (b)/(a)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_the_gpu_proof_rehearses_on_a_cpu_with_torch_alone(archive, tmp_path):
+    """bench/gpu-proof.sh --smoke: the one command a GPU machine runs, end to end, with
+    PYTHONPATH=src (as there) writing its JSON and table."""
+    out = tmp_path / "results"
+    proc = run(["bash", str(ROOT / "bench" / "gpu-proof.sh"), "--smoke", "--dev-archive",
+                str(archive.path), "--params", str(ROOT / "params.yaml")], cwd=ROOT,
+               timeout=300, OUT_DIR=str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "skipped" in proc.stdout  # the CUDA tests ran (and skipped here: no GPU)
+    (result_file,) = out.glob("*.json")
+    results = json.loads(result_file.read_text())
+    assert [(r["batch_size"], r["compile"]) for r in results["sweep"]] == [
+        (b, c) for c in (False, True) for b in (128, 256, 512)]
+    assert results["best"]["vs_baseline"] > 0
+    stage = results["stage"]
+    assert stage["wall_seconds"] > 0 and stage["checkpoint_bytes"] > 0
+    assert stage["mlflow_logging"] is True  # installed here
+    assert set(results["time_to_accuracy"]) == {"dev_subset", "generated"}
+    assert results["alexnet_paper"]["epochs_run"] == 1
+    table = result_file.with_suffix(".md").read_text()
+    assert "tutorial DataLoader loop" in table and "train stage" in table
+    assert (out / "cuda-tests.xml").is_file()

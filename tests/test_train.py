@@ -109,6 +109,34 @@ def test_device_resolution():
             resolve_device("cuda")
 
 
+def test_checkpoints_are_written_by_time_and_after_the_last_epoch(params, prepared, tmp_path):
+    meta = load_meta(prepared)
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    data = (to_device(train.images, train.labels, torch.device("cpu")),
+            to_device(val.images, val.labels, torch.device("cpu")))
+    path = tmp_path / "c.pt"
+    written = []
+
+    class Watcher:  # runs before the epoch's checkpoint: sees the previous one
+        def on_epoch_end(self, row):
+            written.append(load_checkpoint(path)["epoch"] if path.exists() else None)
+
+    cfg = dataclasses.replace(params.train, epochs=3, checkpoint_seconds=3600)
+    fit(build_model(params.model, meta.mean, meta.std), *data, cfg, 0, checkpoint_path=path,
+        callbacks=[Watcher()])
+    assert written == [None, None, None]  # an hour between writes: none before the end
+    last = load_checkpoint(path)
+    assert last["epoch"] == 3  # ... and one after the last epoch
+    if last["best_epoch"] == 3:  # the best weights are the model's: stored once
+        assert last["best_state"] is None
+    written.clear()
+    path.unlink()
+    fit(build_model(params.model, meta.mean, meta.std), *data,
+        dataclasses.replace(cfg, checkpoint_seconds=0), 0, checkpoint_path=path,
+        callbacks=[Watcher()])
+    assert written == [None, 1, 2]  # 0: after every epoch
+
+
 def test_resume_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run(params, prepared,
                                                                            tmp_path):
     device = torch.device("cpu")

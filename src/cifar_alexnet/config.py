@@ -94,6 +94,9 @@ class TrainConfig:
     cudnn_benchmark: bool
     fused_optimizer: bool
     compile: bool
+    # How often a resumable training (the train stage) writes its checkpoint, at most: each
+    # write of the default model costs about a second per GB; 0 = after every epoch.
+    checkpoint_seconds: float = _range(0.0)
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -250,9 +250,12 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         scheduler.load_state_dict(resume["scheduler_state"])
         _restore_rng_states(resume["rng_states"], order_gen, augment_gen)
         best = TrainResult(resume["best_val_acc"], resume["best_epoch"],
-                           {k: v.to(device) for k, v in resume["best_state"].items()},
+                           {k: v.to(device) for k, v in (resume["best_state"] or {}).items()},
                            list(resume["history"]), resumed_from_epoch=resume["epoch"])
+        if resume["best_state"] is None:  # the best epoch was the checkpointed one
+            best.best_state = copy.deepcopy(model.state_dict())
         log.info("resuming after epoch %d of %d", resume["epoch"], cfg.epochs)
+    last_checkpoint = time.monotonic()
 
     for epoch in range(best.resumed_from_epoch + 1, cfg.epochs + 1):
         started = time.perf_counter()
@@ -302,7 +305,13 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
                 callback.on_epoch_end(row)
             except StopAfterCheckpoint as exc:
                 stop = stop or exc
-        if checkpoint_path is not None:
+        # By time, not every epoch: on a GPU an epoch can take a second and the checkpoint of
+        # the default model (weights, AdamW state, best weights) several. Always after the
+        # last epoch (what follows, writing the model and logging it, may still fail) and
+        # before stopping for a tracking outage.
+        due = (stop is not None or epoch == cfg.epochs
+               or time.monotonic() - last_checkpoint >= cfg.checkpoint_seconds)
+        if checkpoint_path is not None and due:
             save_checkpoint(checkpoint_path, {
                 "epoch": epoch,
                 "model_state": model.state_dict(),
@@ -311,11 +320,12 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
                 "rng_states": _rng_states(order_gen, augment_gen),
                 "best_val_acc": best.best_val_acc,
                 "best_epoch": best.best_epoch,
-                "best_state": best.best_state,
+                # None when the best weights are this epoch's: written once, not twice
+                "best_state": None if best.best_epoch == epoch else best.best_state,
                 "history": best.history,
-                "train_config": asdict(cfg),
                 **(checkpoint_extra or {}),
             })
+            last_checkpoint = time.monotonic()
         if stop is not None:
             raise stop
     return best

@@ -73,12 +73,17 @@ def apply_best_params(params: Params, best_params_path: Path | None,
 TRAINING_CORE = ("core.train", "core.model", "core.data")
 
 
+# How often the checkpoint is written: a checkpoint written more or less often is as resumable.
+NOT_WHAT_TRAINING_COMPUTES = frozenset({"checkpoint_seconds"})
+
+
 def training_fingerprint(params: Params) -> str:
     """Hash of what training depends on (the train stage's params in dvc.yaml, the data) and of
     the training core's code: a checkpoint is resumed only by the training it came from, and an
     edit elsewhere (tracking, the benchmark, CI tools) does not discard it."""
     tree = params.to_dict()
-    relevant = {"base": tree["base"], "model": tree["model"], "train": tree["train"],
+    train = {k: v for k, v in tree["train"].items() if k not in NOT_WHAT_TRAINING_COMPUTES}
+    relevant = {"base": tree["base"], "model": tree["model"], "train": train,
                 "data": {k: tree["data"][k] for k in ("md5", "val_size")},
                 "evaluate.batch_size": tree["evaluate"]["batch_size"],
                 "mlflow.experiment": tree["mlflow"]["experiment"]}
@@ -117,8 +122,9 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
                 curves_path: Path | None = None) -> dict[str, Any]:
     """Train on the train split, select on val, write the best model; return train metrics.
 
-    With ``checkpoint_path``, every epoch is checkpointed there and an interrupted training of
-    the same params and code resumes from it (and continues its MLflow run); the checkpoint is
+    With ``checkpoint_path``, the training is checkpointed there (every
+    ``train.checkpoint_seconds``, and after its last epoch) and an interrupted training of the
+    same params and code resumes from it (and continues its MLflow run); the checkpoint is
     removed once the model is written.
     """
     params, tune_tags = apply_best_params(params, best_params_path, keep)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import platform
 import tempfile
@@ -390,6 +391,74 @@ def trainer_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainCon
 
 
 # ---------------------------------------------------------------------------------------------
+# The train stage's wall time
+
+
+class _MlflowEpochs:
+    """Per-epoch MLflow logging as the train stage does it, into a throwaway sqlite store;
+    nothing where MLflow is not installed (a GPU box with torch alone)."""
+
+    def __init__(self, directory: Path) -> None:
+        try:
+            import mlflow
+
+            from cifar_alexnet import tracking
+        except ImportError:
+            self.available, self._logger = False, None
+            return
+        self.available = True
+        mlflow.set_tracking_uri(f"sqlite:///{directory / 'mlflow.db'}")
+        mlflow.set_experiment("bench")
+        self._mlflow, self._logger = mlflow, tracking.EpochLogger()
+
+    def __enter__(self) -> list[Any]:
+        if self.available:
+            self._mlflow.start_run(run_name="bench stage")
+        return [self._logger] if self.available else []
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.available:
+            self._mlflow.end_run()
+
+
+def stage_wall_time(params: Params, data: BenchData, device: torch.device, epochs: int,
+                    images_per_s: float) -> dict[str, Any]:
+    """What a train stage of ``epochs`` epochs spends beyond its training loop, measured: data to
+    the device, per-epoch validation, the resume checkpoint (every ``train.checkpoint_seconds``
+    and after the last epoch), per-epoch MLflow logging where mlflow is installed, and writing
+    the model; against the same steps at the loop's steady-state ``images_per_s``."""
+    from cifar_alexnet.stages.artifacts import save_trained_model
+
+    cfg = dataclasses.replace(params.train, epochs=epochs)
+    with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp:
+        tracking = _MlflowEpochs(Path(tmp))
+        seed_everything(params.base.seed, device)
+        model = build_model(params.model, data.mean, data.std).to(device)
+        timer = _Timer(device)
+        timer.start()
+        with tracking as callbacks:
+            train = to_device(data.train_images, data.train_labels, device)
+            val = to_device(data.val_images, data.val_labels, device)
+            result = fit(model, train, val, cfg, params.base.seed,
+                         checkpoint_path=Path(tmp) / "train.pt", callbacks=callbacks,
+                         eval_batch_size=params.evaluate.batch_size)
+            model.load_state_dict(result.best_state)
+            save_trained_model(Path(tmp), model, [str(i) for i in range(10)], result.best_epoch,
+                               result.best_val_acc, "bench")
+        timer.stop()
+        checkpoint_bytes = (Path(tmp) / "train.pt").stat().st_size
+    del model, train, val
+    _release(device)
+    steps = math.ceil(len(data.train_labels) / cfg.batch_size) * epochs
+    loop_seconds = steps * cfg.batch_size / images_per_s
+    wall = timer.seconds()
+    return {"epochs": epochs, "wall_seconds": wall, "loop_seconds": loop_seconds,
+            "overhead": wall / loop_seconds - 1, "checkpoint_seconds": cfg.checkpoint_seconds,
+            "checkpoint_bytes": checkpoint_bytes, "mlflow_logging": tracking.available,
+            "best_val_acc": result.best_val_acc}
+
+
+# ---------------------------------------------------------------------------------------------
 # Time to accuracy
 
 
@@ -492,7 +561,7 @@ def run_benchmark(params: Params, data: BenchData, device: torch.device,
                   options: BenchOptions = BenchOptions()) -> dict[str, Any]:
     """Baseline and trainer throughput, TFLOP/s against the bf16 peak and time to accuracy."""
     model = build_model(params.model, data.mean, data.std)
-    flops = flops_per_image(model)
+    flops, macs = flops_per_image(model), multiply_adds(model)
     parameters = count_parameters(model)
     del model
     name = device_name(device)
@@ -503,7 +572,7 @@ def run_benchmark(params: Params, data: BenchData, device: torch.device,
         "peak_bf16_tflops": peak,
         "data": {"source": data.source, "sizes": data.sizes, "full_cifar10": data.full_size},
         "model": {"parameters": parameters, "flops_per_train_image": flops,
-                  "macs_per_image": flops // 6},
+                  "macs_per_image": macs},
         "options": dataclasses.asdict(options),
         "params": params.to_dict(),
     }

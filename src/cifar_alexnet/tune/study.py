@@ -65,9 +65,9 @@ MAX_RETRIES = 3
 STORAGE_ATTEMPTS = 4
 
 # Settings that change how fast a trial runs, not what it computes; workers on different
-# hardware (CPU, GPU) can share one study.
+# hardware (CPU, GPU) can share one study. (Trials write no checkpoints.)
 _HARDWARE_KEYS = {"device", "precision", "channels_last", "cudnn_benchmark", "fused_optimizer",
-                  "compile"}
+                  "compile", "checkpoint_seconds"}
 # Settings of the tune section that do not change what a trial is.
 _RUN_KEYS = {"n_trials", "storage", "study_name", "heartbeat_seconds"}
 
