@@ -246,3 +246,22 @@ def test_the_gpu_proof_rehearses_on_a_cpu_with_torch_alone(archive, tmp_path):
     table = result_file.with_suffix(".md").read_text()
     assert "tutorial DataLoader loop" in table and "train stage" in table
     assert (out / "cuda-tests.xml").is_file()
+
+
+@pytest.mark.slow
+def test_the_model_tour_prints_one_row_per_arch(archive, tmp_path):
+    rows_file = tmp_path / "tour.json"
+    proc = run([sys.executable, str(ROOT / "bench" / "model_tour.py"), "--archive",
+                str(archive.path), "--params", str(ROOT / "params.yaml"), "--set",
+                "model.width=0.0625", "--set", "train.epochs=1", "--set", "train.device=cpu",
+                "--archs", "lenet5,resnet18", "--json", str(rows_file)], cwd=tmp_path,
+               timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(rows_file.read_text())
+    assert [r["arch"] for r in rows] == ["lenet5", "resnet18"]
+    for row in rows:
+        assert row["parameters"] > 0 and row["gflop"] > 0 and row["epochs"] == 1
+        assert 0 <= row["test_accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1
+    table = proc.stdout.splitlines()
+    assert table[2].startswith("| arch | parameters | MFLOP/image")
+    assert [line.split("|")[1].strip() for line in table[4:]] == ["lenet5", "resnet18"]

@@ -6,6 +6,7 @@ from torch import nn
 
 from cifar_alexnet.config import ModelConfig
 from cifar_alexnet.core.model import ARCH_SPECS, AlexNet, build_model, count_parameters, summary
+from cifar_alexnet.tools.bench import multiply_adds
 
 
 @pytest.mark.parametrize("arch,input_size,flat,params", [
@@ -78,4 +79,8 @@ def test_summary_lists_layers_and_parameter_counts():
     model = build_model(ModelConfig("alexnet", 0.25, 0.5, "batch"))
     text = summary(model)
     assert "net.features.0" in text and "(2, 24, 29, 29)" in text
-    assert f"{count_parameters(model):,}" in text.splitlines()[-1]
+    total, flops = text.splitlines()[-2:]
+    assert total.startswith("total") and f"{count_parameters(model):,}" in total
+    # forward FLOPs: the same count the benchmark uses (2 per multiply-add)
+    assert flops.endswith("GFLOP per image (forward, FlopCounterMode)")
+    assert float(flops.split()[0]) == pytest.approx(2 * multiply_adds(model) / 1e9, abs=1e-4)

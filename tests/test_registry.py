@@ -57,6 +57,7 @@ def test_champion_moves_only_to_a_strictly_better_model(store, tmp_path):
     assert decisions[2].champion_accuracy == pytest.approx(0.50)
     assert "not higher: the champion stays" in decisions[2].describe()
     assert "it is the new @champion" in decisions[3].describe()
+    assert decisions[0].describe().endswith("there was no champion; it is @champion")
 
     client = MlflowClient(store)
     assert str(client.get_model_version_by_alias(NAME, "champion").version) == "4"

@@ -17,7 +17,9 @@ from typing import Any, Mapping, Sequence
 from cifar_alexnet.errors import ConfigError
 from cifar_alexnet.redact import redact_url
 
-ARCHS = ("alexnet", "alexnet_small", "alexnet_paper")
+# The AlexNet family and ZFNet (core/model.py), then the tour's other CNNs (core/zoo.py).
+ARCHS = ("alexnet", "alexnet_small", "alexnet_paper", "zfnet", "lenet5", "vgg11_bn", "vgg16_bn",
+         "googlenet", "resnet18")
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")

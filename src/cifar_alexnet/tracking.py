@@ -552,11 +552,13 @@ class Promotion:
     champion_accuracy: float | None
 
     def describe(self) -> str:
-        before = (f"champion was version {self.champion_version} with "
-                  f"{_fmt(self.champion_accuracy)}" if self.champion_version else
-                  "there was no champion")
-        verdict = ("higher: it is the new @champion" if self.alias == CHAMPION
-                   else "not higher: the champion stays; this version is @challenger")
+        if self.champion_version is None:
+            before, verdict = "there was no champion", "it is @champion"
+        else:
+            before = (f"champion was version {self.champion_version} with "
+                      f"{_fmt(self.champion_accuracy)}")
+            verdict = ("higher: it is the new @champion" if self.alias == CHAMPION
+                       else "not higher: the champion stays; this version is @challenger")
         return (f"registered {self.name} version {self.version} with test accuracy "
                 f"{_fmt(self.accuracy)}; {before}; {verdict}")
 

@@ -1,4 +1,5 @@
-"""The AlexNet family, built from a typed config. No file or data work here (torch only).
+"""The AlexNet family (and ZFNet), and the classifier every ``model.arch`` is wrapped in; the other
+CNNs of the tour are in :mod:`cifar_alexnet.core.zoo`. No file or data work here (torch only).
 
 Every variant takes raw images, (N, 3, 32, 32) uint8 or float in [0, 255], and returns logits
 (N, 10): normalisation (and the resize to 227x227 for ``alexnet_paper``) is the model's first
@@ -53,6 +54,16 @@ ARCH_SPECS: dict[str, ArchSpec] = {
         Conv(256, 3, padding=1),
         Conv(128, 3),
     ), (2048, 2048)),
+    # Zeiler & Fergus 2013 scaled to 32x32: AlexNet with a smaller first filter and stride
+    # (the paper's 7x7/2 for 11x11/4) and wider conv3-5 (512, 1024, 512):
+    # 32 -> 16 -> pool 7 -> pool 3; 512*3*3 = 4608.
+    "zfnet": ArchSpec(32, (
+        Conv(96, 7, stride=2, padding=3, lrn=True),
+        Conv(256, 5, padding=2, lrn=True, pool=True),
+        Conv(512, 3, padding=1),
+        Conv(1024, 3, padding=1),
+        Conv(512, 3, padding=1, pool=True),
+    ), (4096, 4096)),
     # Krizhevsky et al. 2012 on 227x227: 227 -> 55 -> pool 27 -> pool 13 -> pool 6; 9216.
     "alexnet_paper": ArchSpec(227, (
         Conv(96, 11, stride=4, lrn=True, pool=True),
@@ -168,10 +179,16 @@ class Classifier(nn.Module):
 
     def __init__(self, config: ModelConfig, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        spec = ARCH_SPECS[config.arch]
         self.config = config
-        self.adapter = InputAdapter(mean, std, spec.input_size)
-        self.net = AlexNet(spec, config.width, config.dropout, config.norm)
+        if config.arch in ARCH_SPECS:
+            spec = ARCH_SPECS[config.arch]
+            self.adapter = InputAdapter(mean, std, spec.input_size)
+            self.net: nn.Module = AlexNet(spec, config.width, config.dropout, config.norm)
+        else:  # the tour's other CNNs, each with its own normalisation layers
+            from cifar_alexnet.core.zoo import NETWORKS
+
+            self.adapter = InputAdapter(mean, std, IMAGE_SHAPE[1])
+            self.net = NETWORKS[config.arch](config.width, config.dropout)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(self.adapter(images))
@@ -198,6 +215,30 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def forward_flops(model: nn.Module, input_shape: Sequence[int] = IMAGE_SHAPE,
+                  backward: bool = False) -> int:
+    """FLOPs per image that torch's FlopCounterMode counts (convolutions and matrix products, 2
+    per multiply-add) on a real pass of a batch of 2 on the model's device; with ``backward``,
+    a training step's forward and backward (eval-mode layers: no dropout draw counts)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        images = torch.zeros(2, *input_shape, dtype=torch.uint8, device=device)
+        with FlopCounterMode(display=False) as counter:
+            if backward:
+                model(images).sum().backward()
+            else:
+                with torch.no_grad():
+                    model(images)
+        model.zero_grad(set_to_none=True)
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
 def summary(model: nn.Module, input_shape: Sequence[int] = (2, *IMAGE_SHAPE)) -> str:
     """A text table of every layer: output shape and parameter count (model on CPU)."""
     rows: list[tuple[str, str, str, int]] = []
@@ -221,4 +262,6 @@ def summary(model: nn.Module, input_shape: Sequence[int] = (2, *IMAGE_SHAPE)) ->
     lines = [f"{'layer':<{width}}  {'type':<18} {'output shape':<20} {'params':>12}"]
     lines += [f"{n:<{width}}  {t:<18} {s:<20} {p:>12,}" for n, t, s, p in rows]
     lines.append(f"{'total':<{width}}  {'':<18} {'':<20} {count_parameters(model):>12,}")
+    lines.append(f"{forward_flops(model, tuple(input_shape[1:])) / 1e9:.4f} GFLOP per image "
+                 "(forward, FlopCounterMode)")
     return "\n".join(lines) + "\n"

@@ -35,7 +35,7 @@ from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.core.cifar10 import IMAGE_SHAPE
 from cifar_alexnet.config import ModelConfig, Params, TrainConfig
 from cifar_alexnet.errors import PipelineError
-from cifar_alexnet.core.model import build_model, count_parameters
+from cifar_alexnet.core.model import build_model, count_parameters, forward_flops
 from cifar_alexnet.core.data import SPLITS, load_meta, load_split
 from cifar_alexnet.stages.prepare import prepare
 from cifar_alexnet.core.train import Accel, fit, make_optimizer, predict, seed_everything, to_device
@@ -131,40 +131,16 @@ def load_archive(path: str | Path, val_size: float, seed: int) -> BenchData:
 # FLOPs and peaks
 
 
-def _counted_flops(model: nn.Module, input_shape: tuple[int, ...], backward: bool) -> int:
-    """FLOPs per image that torch's FlopCounterMode counts (convolutions and matrix products,
-    2 per multiply-add) on a real pass of a batch of 2 on the model's device; with
-    ``backward``, a training step's forward and backward (eval-mode layers, so the count does
-    not depend on dropout's draw)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        images = torch.zeros(2, *input_shape, dtype=torch.uint8, device=device)
-        with FlopCounterMode(display=False) as counter:
-            if backward:
-                model(images).sum().backward()
-            else:
-                with torch.no_grad():
-                    model(images)
-        model.zero_grad(set_to_none=True)
-    finally:
-        model.train(was_training)
-    return counter.get_total_flops() // 2
-
-
 def multiply_adds(model: nn.Module, input_shape: tuple[int, ...] = IMAGE_SHAPE) -> int:
     """Multiply-accumulates of one image's forward pass."""
-    return _counted_flops(model, input_shape, backward=False) // 2
+    return forward_flops(model, input_shape) // 2
 
 
 def flops_per_image(model: nn.Module, input_shape: tuple[int, ...] = IMAGE_SHAPE) -> int:
     """Training FLOPs per image: forward and backward as counted (about 3x the forward: the
     backward computes weight and input gradients, except the input gradient of the first
     layer, which nothing needs)."""
-    return _counted_flops(model, input_shape, backward=True)
+    return forward_flops(model, input_shape, backward=True)
 
 
 def peak_tflops_for_name(device_name: str) -> float | None:
