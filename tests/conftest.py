@@ -12,6 +12,8 @@ from typing import Iterator
 import pytest
 
 from cifar_alexnet.config import params_from_dict
+from cifar_alexnet.core.archive import read_archive
+from cifar_alexnet.stages.prepare import prepare
 from cifar_alexnet.tools.synthetic import write_synthetic_archive
 from helpers import Archive, free_port, tiny_params
 
@@ -26,6 +28,14 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Archive:
     """5 training batches of 100 images and a test batch of 200, official layout."""
     path = tmp_path_factory.mktemp("archive") / "cifar-10-python.tar.gz"
     return Archive(path, write_synthetic_archive(path, per_batch=100, n_test=200, seed=0))
+
+
+@pytest.fixture(scope="session")
+def prepared(archive: Archive, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The archive through the prepare stage's code (val 10 %, seed 42): read-only for tests."""
+    out = tmp_path_factory.mktemp("prepared")
+    prepare(read_archive(archive.path), 0.1, 42, out)
+    return out
 
 
 @pytest.fixture

@@ -11,24 +11,15 @@ import dataclasses
 import pytest
 import torch
 
-from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.core.data import load_meta, load_split
 from cifar_alexnet.core.model import build_model
 from cifar_alexnet.core.train import (Accel, StopAfterCheckpoint, fit, load_checkpoint,
                                       make_optimizer, predict, seed_everything, to_device)
-from cifar_alexnet.stages.prepare import prepare
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
                                  reason="no CUDA device visible (these run on a GPU machine)")]
 CUDA = torch.device("cuda")
-
-
-@pytest.fixture(scope="module")
-def prepared(archive, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(read_archive(archive.path), 0.1, 42, out)
-    return out
 
 
 @pytest.fixture(scope="module")

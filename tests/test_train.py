@@ -6,20 +6,11 @@ import dataclasses
 import pytest
 import torch
 
-from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.core.model import build_model
 from cifar_alexnet.core.data import load_meta, load_split
-from cifar_alexnet.stages.prepare import prepare
 from cifar_alexnet.core.train import (HISTORY_FIELDS, Accel, TrainingDiverged, fit, load_checkpoint,
                                       predict, resolve_device, seed_everything, to_device)
-
-
-@pytest.fixture(scope="module")
-def prepared(archive, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(read_archive(archive.path), 0.1, 42, out)
-    return out
 
 
 def train_once(params, prepared, **train_overrides):

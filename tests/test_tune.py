@@ -16,23 +16,14 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.config import flatten, params_from_dict
 from cifar_alexnet.errors import ConfigError, PipelineError
-from cifar_alexnet.stages.prepare import prepare
 from cifar_alexnet.stages.train import apply_best_params
 from cifar_alexnet.best_params import BEST_PARAMS_FILE, DROPOUT, LR
 from cifar_alexnet.tune.objective import run_study
 from cifar_alexnet.tune.report import STUDY_FILE, SUMMARY_FILE, TRIALS_FILE, write_disabled
 from cifar_alexnet.tune.study import open_study, progress, study_name
 from helpers import subprocess_env, tiny_params, write_params
-
-
-@pytest.fixture(scope="module")
-def prepared(archive, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(read_archive(archive.path), 0.1, 42, out)
-    return out
 
 
 @pytest.fixture

@@ -14,12 +14,10 @@ from torch import nn
 
 from cifar_alexnet import tracking
 from cifar_alexnet.config import ARCHS, ModelConfig
-from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.core.data import load_meta, load_split
 from cifar_alexnet.core.model import ARCH_SPECS, build_model, count_parameters, summary
 from cifar_alexnet.core.train import fit, seed_everything, to_device
 from cifar_alexnet.core.zoo import NETWORKS, USES_DROPOUT
-from cifar_alexnet.stages.prepare import prepare
 
 TOUR = [a for a in ARCHS if a != "alexnet_paper"]  # 227 x 227: its own tests in test_model.py
 SMALL = 0.125
@@ -55,13 +53,6 @@ def test_dropout_is_used_exactly_where_the_network_has_it(arch):
              if isinstance(m, nn.Dropout)}
     has_dropout = USES_DROPOUT.get(arch, True)  # the AlexNet family has it
     assert rates == ({0.37} if has_dropout else set()), rates
-
-
-@pytest.fixture(scope="module")
-def prepared(archive, tmp_path_factory):
-    out = tmp_path_factory.mktemp("prepared")
-    prepare(read_archive(archive.path), 0.1, 42, out)
-    return out
 
 
 @pytest.mark.slow
