@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from cifar_alexnet.cli import overridden_keys, parse_params, run_stage, stage_parser
-from cifar_alexnet.stages.train import train_stage
+from cifar_alexnet.stages.train import TrainOutputs, train_stage
 
 
 def main() -> None:
@@ -20,9 +20,9 @@ def main() -> None:
                         help="per-epoch checkpoint: an interrupted training resumes from it")
     args = parser.parse_args()
     params = parse_params(args)
-    train_stage(params, args.data, args.out, args.metrics, args.history,
-                best_params_path=args.best_params, keep=overridden_keys(args),
-                checkpoint_path=args.checkpoint, curves_path=args.curves)
+    outputs = TrainOutputs(args.out, args.metrics, args.history, args.curves, args.checkpoint)
+    train_stage(params, args.data, outputs, best_params_path=args.best_params,
+                keep=overridden_keys(args))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import hashlib
 from io import StringIO
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection
 
@@ -21,10 +22,11 @@ from torchvision.utils import make_grid
 from cifar_alexnet import tracking
 from cifar_alexnet.best_params import load_best_params, tuned_params
 from cifar_alexnet.config import Params
-from cifar_alexnet.core.data import load_meta, load_split
+from cifar_alexnet.core.data import DatasetMeta, load_meta, load_split
 from cifar_alexnet.core.model import build_model, count_parameters, summary
-from cifar_alexnet.core.train import (HISTORY_FIELDS, fit, load_checkpoint, resolve_device,
-                                      save_checkpoint, seed_everything, to_device)
+from cifar_alexnet.core.train import (HISTORY_FIELDS, TrainResult, fit, load_checkpoint,
+                                      resolve_device, save_checkpoint, seed_everything,
+                                      to_device)
 from cifar_alexnet.core.transforms import random_crop_flip
 from cifar_alexnet.io import write_json, write_text
 from cifar_alexnet.plots import history_figure, save as save_figure
@@ -116,16 +118,24 @@ def resumable_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] 
     return checkpoint
 
 
-def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_path: Path,
-                history_path: Path, best_params_path: Path | None = None,
-                keep: Collection[str] = (), checkpoint_path: Path | None = None,
-                curves_path: Path | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class TrainOutputs:
+    """Where the train stage writes (dvc.yaml's outs, and the scratch checkpoint)."""
+    model_dir: Path
+    metrics: Path
+    history: Path
+    curves: Path | None = None
+    checkpoint: Path | None = None   # resumable state; removed once the model is written
+
+
+def train_stage(params: Params, prepared_dir: Path, outputs: TrainOutputs,
+                best_params_path: Path | None = None,
+                keep: Collection[str] = ()) -> dict[str, Any]:
     """Train on the train split, select on val, write the best model; return train metrics.
 
-    With ``checkpoint_path``, the training is checkpointed there (every
+    With ``outputs.checkpoint``, the training is checkpointed there (every
     ``train.checkpoint_seconds``, and after its last epoch) and an interrupted training of the
-    same params and code resumes from it (and continues its MLflow run); the checkpoint is
-    removed once the model is written.
+    same params and code resumes from it (and continues its MLflow run).
     """
     params, tune_tags = apply_best_params(params, best_params_path, keep)
     meta = load_meta(prepared_dir)
@@ -138,59 +148,71 @@ def train_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_pat
     log.info("training %s (width %s, %s parameters) on %s", params.model.arch,
              params.model.width, f"{count_parameters(model):,}", device)
     fingerprint = training_fingerprint(params)
-    checkpoint = resumable_checkpoint(checkpoint_path, fingerprint)
+    checkpoint = resumable_checkpoint(outputs.checkpoint, fingerprint)
     # An epoch-0 checkpoint only names the run of a training killed in its first epoch.
     resume = checkpoint if checkpoint and checkpoint["epoch"] > 0 else None
 
     tags = {**tracking.lineage_tags("train", params.data.md5), **tune_tags}
-    if checkpoint_path is not None:
-        tags[tracking.CHECKPOINT_TAG] = str(checkpoint_path.resolve())
+    if outputs.checkpoint is not None:
+        tags[tracking.CHECKPOINT_TAG] = str(outputs.checkpoint.resolve())
     if resume is not None:
         tags["resumed_from_epoch"] = str(resume["epoch"])
     with tracking.training_run(params, tags, continue_run_id=checkpoint
                                and checkpoint.get("mlflow_run_id")) as run_id:
-        if checkpoint_path is not None and resume is None:
-            save_checkpoint(checkpoint_path, {"epoch": 0, "fingerprint": fingerprint,
-                                              "mlflow_run_id": run_id})
+        if outputs.checkpoint is not None and resume is None:
+            save_checkpoint(outputs.checkpoint, {"epoch": 0, "fingerprint": fingerprint,
+                                                 "mlflow_run_id": run_id})
         if resume is not None:  # epochs checkpointed while the store was failing
             tracking.EpochLogger.catch_up(resume["history"])
-        tracking.log_dataset(params.data.url, params.data.md5, meta.sizes, "training")
-        tracking.log_text(model_summary, "model/summary.txt")
-        tracking.log_dict({"class_names": list(meta.class_names), "mean": list(meta.mean),
-                           "std": list(meta.std), "sizes": meta.sizes}, "data/dataset_meta.json")
-        tracking.log_image(augmented_grid(train_split.images[:64], params.base.seed),
-                           "data/augmented_train_samples.png")
+        _log_inputs(params, meta, train_split.images, model_summary)
         result = fit(model, to_device(train_split.images, train_split.labels, device),
                      to_device(val_split.images, val_split.labels, device), params.train,
-                     params.base.seed, checkpoint_path=checkpoint_path,
+                     params.base.seed, checkpoint_path=outputs.checkpoint,
                      checkpoint_extra={"params": params.to_public_dict(),
                                        "mlflow_run_id": run_id, "fingerprint": fingerprint},
                      callbacks=[tracking.EpochLogger()], eval_batch_size=params.evaluate.batch_size,
                      resume=resume)
         model.load_state_dict(result.best_state)
-        save_trained_model(model_dir, model, meta.class_names, result.best_epoch,
+        save_trained_model(outputs.model_dir, model, meta.class_names, result.best_epoch,
                            result.best_val_acc, run_id)
-        last = result.history[-1]
-        metrics = {"lr": params.train.lr, "dropout": params.model.dropout,
-                   "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
-                   "final_train_loss": last["train_loss"], "final_train_acc": last["train_acc"],
-                   "final_val_loss": last["val_loss"], "final_val_acc": last["val_acc"],
-                   "seconds_per_epoch": sum(r["seconds"] for r in result.history)
-                   / len(result.history),
-                   "parameters": count_parameters(model)}
-        history = history_csv(result.history)
-        write_text(history_path, history)
-        write_json(metrics_path, metrics)
-        tracking.log_metrics({"best_val_acc": result.best_val_acc,
-                              "best_epoch": result.best_epoch})
-        curves = history_figure(result.history)
-        tracking.log_figure(curves, "curves/training_curves.png")
-        if curves_path is not None:
-            save_figure(curves, curves_path)  # also closes the figure
-        tracking.log_text(history, "curves/train_history.csv")
+        metrics = _write_results(params, result, count_parameters(model), outputs)
         # The MLflow model is logged by the evaluate stage: what it evaluated (with TTA).
-        write_json(model_dir / RUN_FILE, {"run_id": run_id,
-                                          "experiment": params.mlflow.experiment})
-    if checkpoint_path is not None:
-        checkpoint_path.unlink(missing_ok=True)  # done: nothing left to resume
+        write_json(outputs.model_dir / RUN_FILE, {"run_id": run_id,
+                                                  "experiment": params.mlflow.experiment})
+    if outputs.checkpoint is not None:
+        outputs.checkpoint.unlink(missing_ok=True)  # done: nothing left to resume
+    return metrics
+
+
+def _log_inputs(params: Params, meta: DatasetMeta, train_images: np.ndarray,
+                model_summary: str) -> None:
+    """What the training run starts from: the dataset, the model, what augmentation shows it."""
+    tracking.log_dataset(params.data.url, params.data.md5, meta.sizes, "training")
+    tracking.log_text(model_summary, "model/summary.txt")
+    tracking.log_dict({"class_names": list(meta.class_names), "mean": list(meta.mean),
+                       "std": list(meta.std), "sizes": meta.sizes}, "data/dataset_meta.json")
+    tracking.log_image(augmented_grid(train_images[:64], params.base.seed),
+                       "data/augmented_train_samples.png")
+
+
+def _write_results(params: Params, result: TrainResult, parameters: int,
+                   outputs: TrainOutputs) -> dict[str, Any]:
+    """metrics/train.json, the per-epoch history and curves, in files and in the run."""
+    last = result.history[-1]
+    metrics = {"lr": params.train.lr, "dropout": params.model.dropout,
+               "best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch,
+               "final_train_loss": last["train_loss"], "final_train_acc": last["train_acc"],
+               "final_val_loss": last["val_loss"], "final_val_acc": last["val_acc"],
+               "seconds_per_epoch": sum(r["seconds"] for r in result.history)
+               / len(result.history),
+               "parameters": parameters}
+    history = history_csv(result.history)
+    write_text(outputs.history, history)
+    write_json(outputs.metrics, metrics)
+    tracking.log_metrics({"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch})
+    curves = history_figure(result.history)
+    tracking.log_figure(curves, "curves/training_curves.png")
+    if outputs.curves is not None:
+        save_figure(curves, outputs.curves)  # also closes the figure
+    tracking.log_text(history, "curves/train_history.csv")
     return metrics
