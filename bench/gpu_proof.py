@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         "parameters": bench.count_parameters(model),
                         "flops_per_train_image": bench.flops_per_image(model)}
     peak = bench.device_peak_tflops(device)
-    results["sweep"] = [bench._achieved(r, results["model"]["flops_per_train_image"], peak)
+    results["sweep"] = [bench.achieved(r, results["model"]["flops_per_train_image"], peak)
                         if r.get("images_per_s") else r
                         for r in sweep(params, generated, device, sizes, args.smoke)]
     baseline = bench.baseline_throughput(params.model, generated, params.train, device,

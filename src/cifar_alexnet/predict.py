@@ -73,11 +73,11 @@ def read_image(path: Path) -> torch.Tensor:
     return fit_to_input(torch.from_numpy(rgb.copy()).permute(2, 0, 1), IMAGE_SHAPE[1])
 
 
-Classifier = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, 3, 32, 32) -> logits (N, C)
+Scorer = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, 3, 32, 32) -> logits (N, C)
 
 
 def local_model(model_dir: Path, flip_tta: bool, device_name: str,
-                batch_size: int) -> tuple[Classifier, list[str]]:
+                batch_size: int) -> tuple[Scorer, list[str]]:
     """The model the train stage wrote, evaluated as the evaluate stage does."""
     from cifar_alexnet.stages.artifacts import load_trained_model
 
@@ -89,7 +89,7 @@ def local_model(model_dir: Path, flip_tta: bool, device_name: str,
             list(payload["class_names"]))
 
 
-def mlflow_model(model_uri: str) -> tuple[Classifier, list[str]]:
+def mlflow_model(model_uri: str) -> tuple[Scorer, list[str]]:
     from cifar_alexnet import tracking
 
     run, names = tracking.load_logged_model(model_uri)
@@ -101,7 +101,7 @@ def mlflow_model(model_uri: str) -> tuple[Classifier, list[str]]:
     return (lambda images: torch.from_numpy(run(images.numpy()))), list(names)
 
 
-def classify(files: Sequence[Path], model: Classifier, class_names: Sequence[str], top_k: int,
+def classify(files: Sequence[Path], model: Scorer, class_names: Sequence[str], top_k: int,
              batch_size: int) -> tuple[list[Prediction], list[str]]:
     """Top-k predictions for every readable file, and a problem line for each unreadable one."""
     readable, images, problems = [], [], []

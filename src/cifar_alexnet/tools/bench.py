@@ -14,6 +14,7 @@ Every function returns numbers; ``bench/bench.py`` prints the table and writes t
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -23,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -370,31 +371,26 @@ def trainer_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainCon
 # The train stage's wall time
 
 
-class _MlflowEpochs:
-    """Per-epoch MLflow logging as the train stage does it, into a throwaway sqlite store;
-    nothing where MLflow is not installed (a GPU box with torch alone)."""
-
-    def __init__(self, directory: Path) -> None:
-        try:
-            import mlflow
-
-            from cifar_alexnet import tracking
-        except ImportError:
-            self.available, self._logger = False, None
-            return
-        self.available = True
-        mlflow.set_tracking_uri(f"sqlite:///{directory / 'mlflow.db'}")
-        mlflow.set_experiment("bench")
-        self._mlflow, self._logger = mlflow, tracking.EpochLogger()
-
-    def __enter__(self) -> list[Any]:
-        if self.available:
-            self._mlflow.start_run(run_name="bench stage")
-        return [self._logger] if self.available else []
-
-    def __exit__(self, *exc_info: Any) -> None:
-        if self.available:
-            self._mlflow.end_run()
+@contextlib.contextmanager
+def _stage_tracking(params: Params, directory: Path) -> Iterator[list[Any]]:
+    """The train stage's MLflow run (params, per-epoch metrics) in a throwaway sqlite store,
+    through the tracking module as the stage does it; no callbacks where MLflow is not
+    installed (a GPU box with torch alone)."""
+    try:
+        from cifar_alexnet import tracking
+    except ImportError:
+        yield []
+        return
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{directory / 'mlflow.db'}"
+    try:
+        with tracking.training_run(params, {}):
+            yield [tracking.EpochLogger()]
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
 def stage_wall_time(params: Params, data: BenchData, device: torch.device, epochs: int,
@@ -407,12 +403,12 @@ def stage_wall_time(params: Params, data: BenchData, device: torch.device, epoch
 
     cfg = dataclasses.replace(params.train, epochs=epochs)
     with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp:
-        tracking = _MlflowEpochs(Path(tmp))
         seed_everything(params.base.seed, device)
         model = build_model(params.model, data.mean, data.std).to(device)
         timer = _Timer(device)
         timer.start()
-        with tracking as callbacks:
+        with _stage_tracking(params, Path(tmp)) as callbacks:
+            mlflow_logging = bool(callbacks)
             train = to_device(data.train_images, data.train_labels, device)
             val = to_device(data.val_images, data.val_labels, device)
             result = fit(model, train, val, cfg, params.base.seed,
@@ -430,7 +426,7 @@ def stage_wall_time(params: Params, data: BenchData, device: torch.device, epoch
     wall = timer.seconds()
     return {"epochs": epochs, "wall_seconds": wall, "loop_seconds": loop_seconds,
             "overhead": wall / loop_seconds - 1, "checkpoint_seconds": cfg.checkpoint_seconds,
-            "checkpoint_bytes": checkpoint_bytes, "mlflow_logging": tracking.available,
+            "checkpoint_bytes": checkpoint_bytes, "mlflow_logging": mlflow_logging,
             "best_val_acc": result.best_val_acc}
 
 
@@ -528,7 +524,7 @@ class BenchOptions:
     peak_tflops: float | None = None   # None: look the device up in PEAK_BF16_TFLOPS
 
 
-def _achieved(result: dict[str, Any], flops: int, peak: float | None) -> dict[str, Any]:
+def achieved(result: dict[str, Any], flops: int, peak: float | None) -> dict[str, Any]:
     tflops = result["images_per_s"] * flops / 1e12
     return {**result, "tflops": tflops, "fraction_of_peak": tflops / peak if peak else None}
 
@@ -562,10 +558,10 @@ def run_benchmark(params: Params, data: BenchData, device: torch.device,
 
     baseline = None
     if options.baseline:
-        baseline = _achieved(baseline_throughput(
+        baseline = achieved(baseline_throughput(
             params.model, data, params.train, device, params.base.seed, options.warmup_steps,
             options.steps, options.workers), flops, peak)
-    trainer = _achieved(trainer_throughput(params.model, data, params.train, device,
+    trainer = achieved(trainer_throughput(params.model, data, params.train, device,
                                            params.base.seed, options.warmup_steps, options.steps),
                         flops, peak)
     results["throughput"] = {
