@@ -1,23 +1,19 @@
 #!/usr/bin/env bash
-# The GPU proof, one command: the CUDA tests, then bench/gpu_proof.py's measurements. Runs with
-# torch alone (PYTHONPATH=src; no MLflow, DVC or Optuna needed) and writes
-#   $OUT_DIR/<device>.json, <device>.md   (default bench/results/)
-#   $OUT_DIR/cuda-tests.xml               (the pytest -m cuda results)
-# Usage: bash bench/gpu-proof.sh [--dev-archive cifar10-real-dev-subset.tar.gz] [--smoke]
-set -euo pipefail
+# The GPU proof, one command (docs/gpu.md "The GPU proof"): bench/gpu_proof.py's sections, the
+# CUDA tests among them, with torch alone (PYTHONPATH=src; no MLflow, DVC or Optuna). Writes,
+# section by section, into $OUT (what the GPU machine sends back; else $OUT_DIR, else
+# bench/results):
+#   gpu-proof.json, gpu-proof.md   every figure, the device and versions; the table
+#   gpu-proof.log                  this command's output
+#   cuda-tests.xml                 the pytest -m cuda results
+# Usage: bash bench/gpu-proof.sh [--dev-archive gpu-data/cifar10-real-dev-subset.tar.gz]
+#                                [--smoke] [--sections default,alexnet_paper] [...]
+set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
-out=${OUT_DIR:-bench/results}
+# The GPU machine guarantees python3; `python` may not exist there.
+py=$(command -v python3 || command -v python) || { echo "gpu-proof: no python3 or python" >&2; exit 127; }
+export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+out=${OUT:-${OUT_DIR:-bench/results}}
 mkdir -p "$out"
-python - <<'PY'
-import platform, torch
-print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
-      f"device {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none (CPU)'}")
-PY
-# -o addopts=: the project's pytest options assume the dev install; -p no:cacheprovider: a
-# read-only checkout is fine. The tests skip themselves where no CUDA device is visible.
-status=0
-python -m pytest -o addopts= -p no:cacheprovider -q -rs -m cuda tests/test_cuda.py \
-  --junitxml "$out/cuda-tests.xml" || status=$?
-python bench/gpu_proof.py --out "$out" "$@"
-exit "$status"
+"$py" bench/gpu_proof.py --out "$out" "$@" 2>&1 | tee "$out/gpu-proof.log"
+exit "${PIPESTATUS[0]}"

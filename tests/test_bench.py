@@ -1,11 +1,22 @@
 """The GPU benchmark's pieces, checked on CPU: FLOP counts, device peaks, and a baseline that feeds
 the network what the trainer feeds it."""
 
+import contextlib
 import dataclasses
+import functools
+import importlib.util
 import itertools
 import json
+import math
+import os
+import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +169,93 @@ def test_baseline_throughput_runs_through_a_dataloader(params, small):
     assert result["precision"] == "fp32" and result["workers"] == 0
 
 
+class DiesInWorkers(bench.TutorialDataset):
+    """A dataset whose DataLoader workers die of SIGBUS, as they do when /dev/shm is too small
+    for their batches; in the main process it works."""
+
+    def __getitem__(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGBUS)
+        return super().__getitem__(index)
+
+
+class BrokenInWorkers(bench.TutorialDataset):
+    """A dataset whose code raises in the DataLoader workers (and would work in the main
+    process): an error of the data code, not a worker dying."""
+
+    def __getitem__(self, index):
+        if torch.utils.data.get_worker_info() is not None:
+            raise ValueError("a broken image")
+        return super().__getitem__(index)
+
+
+def test_baseline_falls_back_to_no_workers_when_its_workers_die(params, small, monkeypatch):
+    monkeypatch.setattr(bench, "TutorialDataset", DiesInWorkers)
+    result = bench.baseline_throughput(params.model, small, params.train, torch.device("cpu"), 0,
+                                       warmup_steps=1, steps=2, workers=1)
+    assert result["workers"] == 0 and result["images_per_s"] > 0
+    assert result["worker_failure"].startswith("1 workers: RuntimeError: DataLoader worker")
+
+
+def test_baseline_still_fails_on_errors_that_are_not_the_workers(params, small, monkeypatch):
+    monkeypatch.setattr(bench, "TutorialDataset", BrokenInWorkers)
+    # Raised, not measured around with 0 workers: the fallback is for dying workers only.
+    with pytest.raises(ValueError, match="a broken image"):
+        bench.baseline_throughput(params.model, small, params.train, torch.device("cpu"), 0,
+                                  warmup_steps=1, steps=2, workers=1)
+
+
+class SlowLogger:
+    """An epoch callback standing in for MLflow's per-epoch logging."""
+
+    def on_epoch_end(self, row):
+        time.sleep(0.2)
+
+
+def test_stage_wall_time_splits_the_stage_into_its_parts(short, small, monkeypatch):
+    from cifar_alexnet.core import train as train_module
+
+    helpers = train_module.predict, train_module.save_checkpoint
+    monkeypatch.setattr(bench, "_stage_tracking",
+                        lambda params, directory: contextlib.nullcontext([SlowLogger()]))
+    # short: checkpoint_seconds 0, so a checkpoint after each of the 2 epochs
+    result = bench.stage_wall_time(short, small.head({"train": 64, "val": 16}),
+                                   torch.device("cpu"), epochs=2)
+    seconds = result["seconds"]
+    assert list(seconds) == list(bench.STAGE_PARTS)
+    assert sum(seconds.values()) == pytest.approx(result["wall_seconds"])
+    assert all(seconds[part] > 0 for part in ("loop", "evaluation", "checkpoint", "model_file"))
+    assert seconds["logging"] >= 0.4  # both epochs' callbacks, and not counted as loop
+    assert result["overhead"] == pytest.approx(
+        (result["wall_seconds"] - seconds["loop"]) / seconds["loop"])
+    assert result["checkpoints"] == 2 and result["checkpoint_bytes"] > 0
+    assert result["mlflow_logging"] is True  # a logging callback was there
+    assert [row["epoch"] for row in result["history"]] == [1, 2]
+    assert (train_module.predict, train_module.save_checkpoint) == helpers  # put back
+
+
+def test_generated_data_has_the_sizes_and_statistics_asked_for(monkeypatch):
+    from cifar_alexnet.stages.prepare import channel_stats
+
+    monkeypatch.setattr(bench, "GENERATED_CHUNK", 64)  # several chunks per split
+    sizes = {"train": 150, "val": 20, "test": 30}
+    data = bench.generated_data(sizes, seed=3)
+    assert data.sizes == sizes and data.train_images.dtype == np.uint8
+    assert data.train_images.shape[1:] == (3, 32, 32) and data.test_labels.dtype == np.int64
+    assert set(np.unique(data.train_labels)) == set(range(10))
+    mean, std = channel_stats(data.train_images)  # what prepare computes
+    np.testing.assert_allclose(data.mean, mean, rtol=1e-5)
+    np.testing.assert_allclose(data.std, std, rtol=1e-4)
+    # Chunks draw from their own seeds: no chunk repeats another...
+    assert not np.array_equal(data.train_images[:64], data.train_images[64:128])
+    # ...and the same seed gives the same images, whatever thread drew them.
+    again = bench.generated_data(sizes, seed=3)
+    assert np.array_equal(again.train_images, data.train_images)
+    assert np.array_equal(again.val_labels, data.val_labels)
+    with pytest.raises(PipelineError, match="sizes >= 1"):
+        bench.generated_data({"train": 10, "val": 0, "test": 5}, seed=3)
+
+
 def test_time_to_accuracy_reports_first_epoch_at_target(short, small):
     result = bench.time_to_accuracy(short, small, torch.device("cpu"), target_acc=0.0,
                                     budget_seconds=3600)
@@ -223,29 +321,187 @@ def test_smoke_run_end_to_end(tmp_path):
     assert "speed-up (b)/(a)" in proc.stdout
 
 
+@functools.cache
+def load_gpu_proof():
+    """bench/gpu_proof.py as a module (bench/ holds scripts, not a package); registered in
+    sys.modules because its dataclasses look their module up there."""
+    spec = importlib.util.spec_from_file_location("gpu_proof", ROOT / "bench" / "gpu_proof.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+# The one device call docs/gpu.md tells a GPU lease to make.
+DEVICE_CALL = re.compile(r'run\(command="(?P<command>[^"]+)",\s*carry=(?P<carry>\[[^\]]*\]),'
+                         r'\s*timeout_s=(?P<timeout>\d+)\)')
+
+
+def documented_device_call():
+    match = DEVICE_CALL.search((ROOT / "docs" / "gpu.md").read_text())
+    assert match, "docs/gpu.md no longer holds the device call run(command=..., carry=..., ...)"
+    return shlex.split(match["command"]), json.loads(match["carry"]), int(match["timeout"])
+
+
+def test_the_documented_device_call_fits_the_lease():
+    command, carry, timeout_s = documented_device_call()
+    gpu_proof = load_gpu_proof()
+    assert command[:2] == ["bash", "bench/gpu-proof.sh"]
+    # The dev subset must travel: it lies in a carried folder.
+    archive = Path(command[command.index("--dev-archive") + 1])
+    assert any(archive.is_relative_to(folder) for folder in carry)
+    # The watchdog ends the proof at its budget; the timeout leaves time to write and return,
+    # and one command may run 10 minutes at most.
+    assert gpu_proof.FULL.budget_seconds + 30 <= timeout_s <= 600
+
+
+@pytest.fixture
+def gpu_machine(tmp_path, archive):
+    """What the GPU machine has: the working tree alone (tracked and untracked-not-ignored
+    files, as the device tool sends it) plus the carried dev-archive folder; `python3` but no
+    `python`; torch but no MLflow, DVC or Optuna. Returns (checkout, env, out)."""
+    checkout = tmp_path / "checkout"
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others",
+                             "--exclude-standard"], cwd=ROOT, capture_output=True, check=True)
+    for name in filter(None, listed.stdout.decode().split("\0")):
+        if (ROOT / name).is_file():  # a tracked file deleted in the working tree does not travel
+            (checkout / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, checkout / name)
+    command, _, _ = documented_device_call()
+    dev_archive = checkout / command[command.index("--dev-archive") + 1]
+    dev_archive.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(archive.path, dev_archive)
+
+    blocked = tmp_path / "blocked"
+    for package in ("mlflow", "dvc", "optuna"):
+        (blocked / package).mkdir(parents=True)
+        (blocked / package / "__init__.py").write_text(
+            f"raise ImportError('{package} is not installed on the GPU machine')\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").write_text("#!/bin/sh\necho 'python called; only python3 is "
+                                    "guaranteed' >&2\nexit 97\n")
+    for shim in bin_dir.iterdir():
+        shim.chmod(0o755)
+    out = tmp_path / "out"
+    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(blocked),
+           "OUT": str(out)}
+    for package in ("mlflow", "dvc", "optuna"):  # the shims work, or this proves nothing
+        probe = run(["python3", "-c", f"import {package}"], cwd=checkout, **env)
+        assert probe.returncode == 1 and "not installed on the GPU machine" in probe.stderr
+    return checkout, env, out
+
+
+def assert_finite(value, where="results"):
+    if isinstance(value, float):
+        assert math.isfinite(value), where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            assert_finite(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            assert_finite(item, f"{where}[{i}]")
+
+
 @pytest.mark.slow
-def test_the_gpu_proof_rehearses_on_a_cpu_with_torch_alone(archive, tmp_path):
-    """bench/gpu-proof.sh --smoke: the one command a GPU machine runs, end to end, with
-    PYTHONPATH=src (as there) writing its JSON and table."""
-    out = tmp_path / "results"
-    proc = run(["bash", str(ROOT / "bench" / "gpu-proof.sh"), "--smoke", "--dev-archive",
-                str(archive.path), "--params", str(ROOT / "params.yaml")], cwd=ROOT,
-               timeout=300, OUT_DIR=str(out))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "skipped" in proc.stdout  # the CUDA tests ran (and skipped here: no GPU)
-    (result_file,) = out.glob("*.json")
-    results = json.loads(result_file.read_text())
-    assert [(r["batch_size"], r["compile"]) for r in results["sweep"]] == [
-        (b, c) for c in (False, True) for b in (128, 256, 512)]
-    assert results["best"]["vs_baseline"] > 0
-    stage = results["stage"]
-    assert stage["wall_seconds"] > 0 and stage["checkpoint_bytes"] > 0
-    assert stage["mlflow_logging"] is True  # installed here
-    assert set(results["time_to_accuracy"]) == {"dev_subset", "generated"}
-    assert results["alexnet_paper"]["epochs_run"] == 1
-    table = result_file.with_suffix(".md").read_text()
-    assert "tutorial DataLoader loop" in table and "train stage" in table
+def test_the_documented_gpu_proof_rehearses_on_a_cpu_with_torch_alone(gpu_machine):
+    """The device call of docs/gpu.md, with --smoke, where the GPU machine's limits hold: every
+    default section runs and reports positive, finite figures into $OUT; the table comes last."""
+    checkout, env, out = gpu_machine
+    gpu_proof = load_gpu_proof()
+    command, _, _ = documented_device_call()
+    proc = run([*command, "--smoke"], cwd=checkout, timeout=600, **env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    results = json.loads((out / "gpu-proof.json").read_text())
+    sections = results["sections"]
+    assert {name: entry["status"] for name, entry in sections.items()} == {
+        name: "ok" for name in gpu_proof.DEFAULT_SECTIONS}
+    assert list(sections) == list(gpu_proof.DEFAULT_SECTIONS)  # alexnet_paper is opt-in
+    assert results["complete"] and results["smoke"] and results["torch"] == torch.__version__
+    assert_finite(results)
+    result = {name: entry["result"] for name, entry in sections.items()}
+
+    assert result["data"]["generated"]["sizes"] == gpu_proof.SMOKE.generated
+    rows = result["sweep"]["rows"]
+    assert [(r["batch_size"], r["compile"]) for r in rows] == [
+        (b, False) for b in gpu_proof.SMOKE.sweep_batches]
+    assert all(r["images_per_s"] > 0 and r["tflops"] > 0 for r in rows)
+    assert result["baseline"]["images_per_s"] > 0
+    assert results["summary"]["best_vs_baseline"] > 0
+
+    stage = result["stage"]
+    assert stage["epochs"] == gpu_proof.SMOKE.stage_epochs
+    assert stage["checkpoints"] == stage["epochs"]  # smoke: checkpoint_seconds=0
+    assert stage["seconds"]["loop"] > 0 and stage["seconds"]["evaluation"] > 0
+    assert stage["seconds"]["checkpoint"] > 0 and stage["checkpoint_bytes"] > 0
+    assert sum(stage["seconds"].values()) == pytest.approx(stage["wall_seconds"])
+    # MLflow could not be imported: the stage ran without it, as on the GPU machine
+    assert stage["mlflow_logging"] is False
+
+    assert result["tta_dev"]["epochs_run"] >= 1
+    assert 0 <= result["tta_dev"]["best_acc_within_budget"] <= 1
+    cuda_tests = result["cuda_tests"]
+    test_count = (ROOT / "tests" / "test_cuda.py").read_text().count("\ndef test_")
+    assert cuda_tests["skipped"] == cuda_tests["tests"] == test_count > 0  # no GPU here
     assert (out / "cuda-tests.xml").is_file()
+    compiled = result["compile"]
+    assert compiled["compile"] and compiled["backend"] == "eager"
+    assert compiled["images_per_s"] > 0 and compiled["vs_compile_off"] > 0
+
+    table = (out / "gpu-proof.md").read_text()
+    assert "tutorial DataLoader loop" in table and "train stage" in table
+    assert proc.stdout.endswith(table)  # the table is printed last
+    assert (out / "gpu-proof.log").read_text() == proc.stdout  # everything printed is kept
+
+
+@pytest.mark.slow
+def test_the_gpu_proof_keeps_every_section_written_before_a_failure_or_a_kill(gpu_machine):
+    """A section that raises is reported and the next one still runs; the results are on disk
+    after each section, so a command killed later (a fault ends it with exit 137 after `sweep`)
+    still returns them."""
+    checkout, env, out = gpu_machine
+    command, _, _ = documented_device_call()
+    proc = run([*command, "--smoke", "--sections", "data,baseline,sweep,tta_dev"], cwd=checkout,
+               timeout=600, GPU_PROOF_FAULTS="baseline:raise,sweep:exit", **env)
+    assert proc.returncode == 137, proc.stdout[-4000:] + proc.stderr[-3000:]
+    results = json.loads((out / "gpu-proof.json").read_text())
+    sections = results["sections"]
+    assert {name: entry["status"] for name, entry in sections.items()} == {
+        "data": "ok", "baseline": "failed", "sweep": "ok"}  # tta_dev never started
+    assert "injected fault" in sections["baseline"]["error"]
+    assert all(r["images_per_s"] > 0 for r in sections["sweep"]["result"]["rows"])
+    assert not results["complete"]
+    table = (out / "gpu-proof.md").read_text()
+    assert "| baseline | failed: RuntimeError: injected fault" in table
+    assert "trainer, batch 8, compile off" in table
+
+
+def test_the_watchdog_stops_a_section_at_its_limit_and_keeps_its_partial_result(monkeypatch,
+                                                                                tmp_path):
+    gpu_proof = load_gpu_proof()
+
+    def slow(proof, result):
+        result["rows"] = [1]
+        for _ in range(500):  # 25 s at most; the limit is 0.3 s
+            try:
+                time.sleep(0.05)
+            except Exception:  # what a sweep row does: the alarm must not end here
+                pass
+        result["rows"].append(2)
+
+    monkeypatch.setitem(gpu_proof.SECTIONS, "slow", gpu_proof.Section(slow, 1, 0.3))
+    proof = gpu_proof.start(gpu_proof.parse_args(
+        ["--smoke", "--device", "cpu", "--params", str(ROOT / "params.yaml"), "--out",
+         str(tmp_path)]))
+    gpu_proof.run_section(proof, "slow", time.monotonic() + 60, {})
+    entry = json.loads((tmp_path / "gpu-proof.json").read_text())["sections"]["slow"]
+    assert entry["status"] == "timed_out" and entry["result"] == {"rows": [1]}
+    assert entry["seconds"] < 10
+    # Less than a section's minimum left: skipped, not started.
+    gpu_proof.run_section(proof, "sweep", time.monotonic() + 1, {})
+    assert proof.sections["sweep"]["status"] == "skipped"
+    assert "budget" in proof.sections["sweep"]["reason"]
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 uninterrupted run."""
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ import torch
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.core.model import build_model
 from cifar_alexnet.core.data import load_meta, load_split
-from cifar_alexnet.core.train import (HISTORY_FIELDS, Accel, TrainingDiverged, fit, load_checkpoint,
+from cifar_alexnet.core.train import (HISTORY_FIELDS, Accel, StopAfterCheckpoint,
+                                      TrainingDiverged, fit, kernel_settings, load_checkpoint,
                                       predict, resolve_device, seed_everything, to_device)
 
 
@@ -50,6 +52,19 @@ def test_deterministic_cpu_kernels_hold_while_fitting_and_are_restored_after(par
     assert not torch.are_deterministic_algorithms_enabled()
 
 
+def test_predict_on_cuda_keeps_the_users_cudnn_autotuning_setting():
+    previous = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = True
+        with kernel_settings(torch.device("cuda")):  # what predict enters (flags only, no GPU)
+            assert torch.backends.cudnn.benchmark is True
+        with kernel_settings(torch.device("cuda"), cudnn_benchmark=False):  # fit, when asked
+            assert torch.backends.cudnn.benchmark is False
+        assert torch.backends.cudnn.benchmark is True
+    finally:
+        torch.backends.cudnn.benchmark = previous
+
+
 def test_fit_learns_and_returns_best_validation_accuracy(params, prepared):
     model, result, rows = train_once(params, prepared)
     assert result.best_val_acc >= 0.4  # 10 classes: chance is 0.1
@@ -73,12 +88,19 @@ def test_checkpoint_holds_model_optimizer_scheduler_epoch_and_params(params, pre
     meta = load_meta(prepared)
     model = build_model(params.model, meta.mean, meta.std)
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
-    fit(model, to_device(train.images, train.labels, device),
-        to_device(val.images, val.labels, device), dataclasses.replace(params.train, epochs=2),
-        0, checkpoint_path=tmp_path / "checkpoint.pt",
-        checkpoint_extra={"params": params.to_dict()})
+
+    class StopAfterEpoch1:
+        def on_epoch_end(self, row):
+            if row["epoch"] == 1:
+                raise StopAfterCheckpoint("stopped for the test")
+
+    with pytest.raises(StopAfterCheckpoint):
+        fit(model, to_device(train.images, train.labels, device),
+            to_device(val.images, val.labels, device), dataclasses.replace(params.train, epochs=2),
+            0, checkpoint_path=tmp_path / "checkpoint.pt",
+            checkpoint_extra={"params": params.to_dict()}, callbacks=[StopAfterEpoch1()])
     checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert checkpoint["epoch"] == 2
+    assert checkpoint["epoch"] == 1 and not checkpoint.get("finished")
     assert checkpoint["params"]["train"]["lr"] == params.train.lr
     assert checkpoint["optimizer_state"]["state"] and checkpoint["scheduler_state"]["last_epoch"] > 0
     for name, tensor in model.state_dict().items():
@@ -116,16 +138,49 @@ def test_checkpoints_are_written_by_time_and_after_the_last_epoch(params, prepar
     fit(build_model(params.model, meta.mean, meta.std), *data, cfg, 0, checkpoint_path=path,
         callbacks=[Watcher()])
     assert written == [None, None, None]  # an hour between writes: none before the end
-    last = load_checkpoint(path)
-    assert last["epoch"] == 3  # ... and one after the last epoch
-    if last["best_epoch"] == 3:  # the best weights are the model's: stored once
-        assert last["best_state"] is None
     written.clear()
     path.unlink()
     fit(build_model(params.model, meta.mean, meta.std), *data,
         dataclasses.replace(cfg, checkpoint_seconds=0), 0, checkpoint_path=path,
         callbacks=[Watcher()])
     assert written == [None, 1, 2]  # 0: after every epoch
+
+
+def test_the_checkpoint_after_the_last_epoch_holds_only_what_is_left_to_do(params, prepared,
+                                                                          tmp_path):
+    """What follows the last epoch (writing the model, logging it) needs the best weights only:
+    the final checkpoint leaves out the optimizer state and the current weights, and resuming
+    from it trains nothing and returns the same result."""
+    meta = load_meta(prepared)
+    train, val = load_split(prepared, "train"), load_split(prepared, "val")
+    data = (to_device(train.images, train.labels, torch.device("cpu")),
+            to_device(val.images, val.labels, torch.device("cpu")))
+    cfg = dataclasses.replace(params.train, epochs=3, checkpoint_seconds=0)
+    full, final = tmp_path / "full.pt", tmp_path / "final.pt"
+
+    class Keep:  # the epoch-2 checkpoint, full
+        def on_epoch_end(self, row):
+            if row["epoch"] == 3:
+                shutil.copy(final, full)
+
+    result = fit(build_model(params.model, meta.mean, meta.std), *data, cfg, 0,
+                 checkpoint_path=final, callbacks=[Keep()])
+    last = load_checkpoint(final)
+    assert last["finished"] and last["epoch"] == 3
+    assert "optimizer_state" not in last and final.stat().st_size < full.stat().st_size / 2
+    for name, tensor in result.best_state.items():
+        assert torch.equal(last["model_state"][name], tensor), name
+
+    def boom(self, row):
+        raise AssertionError("a finished training ran an epoch again")
+
+    resumed_model = build_model(params.model, meta.mean, meta.std)
+    resumed = fit(resumed_model, *data, cfg, 0, resume=last,
+                  callbacks=[type("Boom", (), {"on_epoch_end": boom})()])
+    assert (resumed.best_epoch, resumed.best_val_acc, resumed.history) == (
+        result.best_epoch, result.best_val_acc, result.history)
+    for name, tensor in result.best_state.items():
+        assert torch.equal(resumed_model.state_dict()[name], tensor), name
 
 
 def test_resume_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run(params, prepared,
@@ -215,10 +270,17 @@ def test_compiled_training_checkpoints_load_into_an_uncompiled_model(params, pre
     meta = load_meta(prepared)
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     model = build_model(params.model, meta.mean, meta.std)
+    assert len(train.labels) % params.train.batch_size  # a last, shorter batch
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     result = fit(model, to_device(train.images, train.labels, device),
                  to_device(val.images, val.labels, device),
-                 dataclasses.replace(params.train, epochs=1, compile=True), 0,
+                 dataclasses.replace(params.train, epochs=2, compile=True), 0,
                  checkpoint_path=tmp_path / "c.pt")
+    # The training step only, one graph per batch shape (the full one and the last, shorter
+    # one), compiled once for both epochs; validation (eval mode, its own batch sizes) runs
+    # uncompiled and adds none.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     fresh = build_model(params.model, meta.mean, meta.std)
     fresh.load_state_dict(load_checkpoint(tmp_path / "c.pt")["model_state"])
     fresh.load_state_dict(result.best_state)

@@ -67,17 +67,18 @@ def seed_everything(seed: int, device: torch.device) -> None:
 
 
 @contextlib.contextmanager
-def kernel_settings(device: torch.device, cudnn_benchmark: bool = False) -> Iterator[None]:
-    """Deterministic kernels on CPU (bit-identical reruns), cuDNN autotuning on CUDA when asked;
-    the process's previous settings come back on exit, so a caller of fit/predict (a notebook,
-    another library's tests) keeps its own."""
+def kernel_settings(device: torch.device, cudnn_benchmark: bool | None = None
+                    ) -> Iterator[None]:
+    """Deterministic kernels on CPU (bit-identical reruns), cuDNN autotuning on CUDA as asked
+    (None: as the process has it); the process's previous settings come back on exit, so a
+    caller of fit/predict (a notebook, another library's tests) keeps its own."""
     previous = (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark)
     try:
         if device.type == "cpu":
             torch.use_deterministic_algorithms(True)
-        elif device.type == "cuda":
+        elif device.type == "cuda" and cudnn_benchmark is not None:
             torch.backends.cudnn.benchmark = cudnn_benchmark
         yield
     finally:
@@ -231,9 +232,12 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
     device = train_images.device
     accel = Accel.for_config(cfg, device)
     model = accel.prepare_model(model)
-    # The compiled module shares parameters with `model`; state dicts come from `model` so
-    # checkpoints load into an uncompiled network.
-    step_model = torch.compile(model) if cfg.compile else model
+    # Only the training step is compiled, for its one batch shape (dynamic=False: the last,
+    # shorter batch of an epoch gets a graph of its own, compiled once, instead of turning every
+    # dimension dynamic). Validation runs the plain module: its batch sizes and eval mode would
+    # otherwise compile graphs of their own. The compiled module shares parameters with `model`;
+    # state dicts come from `model` so checkpoints load into an uncompiled network.
+    step_model = torch.compile(model, dynamic=False) if cfg.compile else model
     callbacks = list(callbacks)
     n = len(train_labels)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -244,6 +248,13 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
     augment_gen = torch.Generator(device=device).manual_seed(seed + 1)
 
     best = TrainResult(best_val_acc=-1.0, best_epoch=0, best_state={})
+    if resume is not None and resume.get("finished"):  # after the last epoch: nothing to run
+        model.load_state_dict(resume["model_state"])
+        log.info("training already finished (epoch %d of %d); using its best weights",
+                 resume["epoch"], cfg.epochs)
+        return TrainResult(resume["best_val_acc"], resume["best_epoch"],
+                           copy.deepcopy(model.state_dict()), list(resume["history"]),
+                           resumed_from_epoch=resume["epoch"])
     if resume is not None:
         model.load_state_dict(resume["model_state"])
         optimizer.load_state_dict(resume["optimizer_state"])
@@ -286,7 +297,7 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
                 f"training loss became {train_loss} in epoch {epoch} (train.lr={cfg.lr}); "
                 "lower train.lr (e.g. by 10x) and run again")
         val_loss, val_acc = loss_and_accuracy(
-            predict(step_model, val_images, eval_batch_size, accel), val_labels)
+            predict(model, val_images, eval_batch_size, accel), val_labels)
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / n,
                "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                "seconds": time.perf_counter() - started}
@@ -309,9 +320,17 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         # the default model (weights, AdamW state, best weights) several. Always after the
         # last epoch (what follows, writing the model and logging it, may still fail) and
         # before stopping for a tracking outage.
-        due = (stop is not None or epoch == cfg.epochs
+        finished = epoch == cfg.epochs and stop is None
+        due = (stop is not None or finished
                or time.monotonic() - last_checkpoint >= cfg.checkpoint_seconds)
-        if checkpoint_path is not None and due:
+        if checkpoint_path is not None and finished:
+            # What is left to do needs only the best weights: no optimizer state, no current
+            # weights beside them (a third of the full checkpoint for AdamW).
+            save_checkpoint(checkpoint_path, {
+                "epoch": epoch, "finished": True, "model_state": best.best_state,
+                "best_val_acc": best.best_val_acc, "best_epoch": best.best_epoch,
+                "history": best.history, **(checkpoint_extra or {})})
+        elif checkpoint_path is not None and due:
             save_checkpoint(checkpoint_path, {
                 "epoch": epoch,
                 "model_state": model.state_dict(),

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import math
 import os
 import platform
 import tempfile
@@ -126,6 +125,44 @@ def load_archive(path: str | Path, val_size: float, seed: int) -> BenchData:
     with tempfile.TemporaryDirectory(prefix="bench-prepared-") as tmp:
         prepare(read_archive(path), val_size, seed, tmp)
         return load_prepared(tmp, source=str(path))
+
+
+GENERATED_CHUNK = 4096  # images per make_images call: a thread's share, ~100 MB of float64
+
+
+def generated_data(sizes: dict[str, int], seed: int) -> BenchData:
+    """Learnable CIFAR-10 look-alikes (``tools.synthetic.make_images``) of the given split sizes,
+    made in memory: no archive and no prepare step, which at 50 000 images would cost the GPU
+    proof many seconds of gzip and pickling. Drawn in chunks on threads (numpy's generators and
+    ufuncs release the GIL), each chunk from its own seed; statistics from the train split."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cifar_alexnet.tools.synthetic import make_images
+
+    if set(sizes) != set(SPLITS) or min(sizes.values()) < 1:
+        raise PipelineError(f"generated_data needs sizes >= 1 for exactly the splits "
+                            f"{', '.join(SPLITS)}; got {sizes}")
+    chunks = [(split, min(GENERATED_CHUNK, sizes[split] - start))
+              for split in SPLITS for start in range(0, sizes[split], GENERATED_CHUNK)]
+
+    def draw(job: tuple[int, tuple[str, int]]) -> tuple[np.ndarray, np.ndarray]:
+        index, (_split, n) = job
+        rows, labels = make_images(n, np.random.default_rng([seed, index]))
+        return rows.reshape(n, *IMAGE_SHAPE), np.asarray(labels, dtype=np.int64)
+
+    with ThreadPoolExecutor(max_workers=min(len(chunks), os.cpu_count() or 1) or 1) as pool:
+        drawn = list(pool.map(draw, enumerate(chunks)))
+    arrays: dict[str, Any] = {}
+    for split in SPLITS:
+        parts = [d for (s, _), d in zip(chunks, drawn) if s == split]
+        arrays[f"{split}_images"] = np.concatenate([p[0] for p in parts])
+        arrays[f"{split}_labels"] = np.concatenate([p[1] for p in parts])
+    # Per channel, in [0, 1] units as prepare's statistics; float32 torch reductions are
+    # multi-threaded and need no float64 copy of the whole split.
+    pixels = torch.from_numpy(arrays["train_images"]).transpose(0, 1).reshape(3, -1).float()
+    mean, std = pixels.mean(1) / 255, pixels.std(1) / 255
+    return BenchData(**arrays, mean=tuple(mean.tolist()), std=tuple(std.tolist()),
+                     source=f"generated ({', '.join(f'{s} {n}' for s, n in sizes.items())})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -252,6 +289,16 @@ def default_workers() -> int:
     return min(4, os.cpu_count() or 1)
 
 
+def _dataloader_worker_failure(exc: BaseException) -> bool:
+    """Whether ``exc`` is a DataLoader worker dying or failing to start, rather than the
+    training itself failing: a worker killed by SIGBUS when /dev/shm is too small for its
+    batches ("DataLoader worker (pid 123) is killed by signal: Bus error"), an exception in a
+    worker ("Caught ... in DataLoader worker process 0"), or the OS refusing the worker
+    processes or their shared memory (OSError)."""
+    return isinstance(exc, OSError) or (isinstance(exc, RuntimeError)
+                                        and "DataLoader worker" in str(exc))
+
+
 def baseline_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainConfig,
                         device: torch.device, seed: int,
                         warmup_steps: int = DEFAULT_WARMUP_STEPS, steps: int = DEFAULT_STEPS,
@@ -261,9 +308,30 @@ def baseline_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainCo
     Same network and optimizer algorithm as the trainer (``params.train.optimizer``), but with
     torch's defaults everywhere the project chose speed settings: no autocast, NCHW, no fused
     optimizer, no cuDNN autotuning, and the images cross from the host every step.
+
+    Workers pass their batches through /dev/shm, which containers often keep small (64 MB):
+    where the workers die, the measurement is taken again with 0 workers (the images are
+    transformed in this process) and ``worker_failure`` says why, so one small machine setting
+    does not cost the figure.
     """
     _check_steps(warmup_steps, steps)
     workers = default_workers() if workers is None else workers
+    try:
+        return {**_baseline_throughput(model_config, data, cfg, device, seed, warmup_steps,
+                                       steps, workers), "worker_failure": None}
+    except (RuntimeError, OSError) as exc:
+        if workers == 0 or not _dataloader_worker_failure(exc):
+            raise
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+        log.warning("baseline: %d DataLoader workers failed (%s); measuring with 0 workers",
+                    workers, reason)
+    result = _baseline_throughput(model_config, data, cfg, device, seed, warmup_steps, steps, 0)
+    return {**result, "worker_failure": f"{workers} workers: {reason}"}
+
+
+def _baseline_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainConfig,
+                         device: torch.device, seed: int, warmup_steps: int, steps: int,
+                         workers: int) -> dict[str, Any]:
     seed_everything(seed, device)
     net = build_model(model_config, data.mean, data.std).net.to(device)
     optimizer = make_optimizer(net, dataclasses.replace(cfg, fused_optimizer=False), device)
@@ -393,41 +461,132 @@ def _stage_tracking(params: Params, directory: Path) -> Iterator[list[Any]]:
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
-def stage_wall_time(params: Params, data: BenchData, device: torch.device, epochs: int,
-                    images_per_s: float) -> dict[str, Any]:
-    """What a train stage of ``epochs`` epochs spends beyond its training loop, measured: data to
-    the device, per-epoch validation, the resume checkpoint (every ``train.checkpoint_seconds``
-    and after the last epoch), per-epoch MLflow logging where mlflow is installed, and writing
-    the model; against the same steps at the loop's steady-state ``images_per_s``."""
+class _Split:
+    """Wall seconds per part of a run, each part timed between device syncs so that GPU work
+    queued by one part is not charged to the next."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def measure(self, part: str) -> Iterator[None]:
+        self.sync()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - started
+            self.calls[part] = self.calls.get(part, 0) + 1
+
+    @contextlib.contextmanager
+    def calls_of(self, module: Any, name: str, part: str) -> Iterator[None]:
+        """Time every call of ``module.name`` as ``part`` while inside: for functions that fit()
+        looks up in its module at each call (its validation pass, its checkpoint writes), so
+        fit itself is measured unchanged."""
+        original = getattr(module, name)  # AttributeError: fit's helper was renamed
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.measure(part):
+                return original(*args, **kwargs)
+
+        setattr(module, name, timed)
+        try:
+            yield
+        finally:
+            setattr(module, name, original)
+
+
+class _TimedCallback:
+    """An epoch callback whose calls count as ``part``."""
+
+    def __init__(self, callback: Any, split: _Split, part: str) -> None:
+        self.callback, self.split, self.part = callback, split, part
+
+    def on_epoch_end(self, row: dict[str, float]) -> None:
+        with self.split.measure(self.part):
+            self.callback.on_epoch_end(row)
+
+
+STAGE_PARTS = ("to_device", "loop", "evaluation", "checkpoint", "logging", "model_file", "other")
+
+
+def stage_wall_time(params: Params, data: BenchData, device: torch.device,
+                    epochs: int) -> dict[str, Any]:
+    """The train stage's wall time for ``epochs`` epochs on ``data``, split into its parts:
+
+    - ``loop``: fit's training steps and per-epoch bookkeeping (fit's time less the parts below
+      that happen inside it);
+    - ``evaluation``: the per-epoch validation pass;
+    - ``checkpoint``: the resume checkpoints (every ``train.checkpoint_seconds`` and after the
+      last epoch);
+    - ``logging``: the MLflow run (its start, params, per-epoch metrics, its end) as the stage
+      does it through the tracking module, in a throwaway sqlite store; 0 where MLflow is not
+      installed (``mlflow_logging`` False: a GPU box with torch alone);
+    - ``to_device``, ``model_file`` (the best weights into ``model.pt``), and ``other`` (the
+      rest of the wall time: restoring the best weights, opening the temporary directory).
+
+    ``overhead`` is everything but the loop, as a fraction of the loop.
+    """
+    from cifar_alexnet.core import train as train_module
     from cifar_alexnet.stages.artifacts import save_trained_model
 
     cfg = dataclasses.replace(params.train, epochs=epochs)
-    with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp:
-        seed_everything(params.base.seed, device)
-        model = build_model(params.model, data.mean, data.std).to(device)
-        timer = _Timer(device)
-        timer.start()
-        with _stage_tracking(params, Path(tmp)) as callbacks:
-            mlflow_logging = bool(callbacks)
+    split = _Split(device)
+    seed_everything(params.base.seed, device)
+    model = build_model(params.model, data.mean, data.std).to(device)
+    with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp, \
+            contextlib.ExitStack() as stack:
+        split.sync()
+        started = time.perf_counter()
+        with split.measure("run_logging"):
+            callbacks = stack.enter_context(_stage_tracking(params, Path(tmp)))
+        mlflow_logging = bool(callbacks)
+        with split.measure("to_device"):
             train = to_device(data.train_images, data.train_labels, device)
             val = to_device(data.val_images, data.val_labels, device)
+        with split.calls_of(train_module, "predict", "evaluation"), \
+                split.calls_of(train_module, "save_checkpoint", "checkpoint"), \
+                split.measure("fit"):
             result = fit(model, train, val, cfg, params.base.seed,
-                         checkpoint_path=Path(tmp) / "train.pt", callbacks=callbacks,
+                         checkpoint_path=Path(tmp) / "train.pt",
+                         callbacks=[_TimedCallback(c, split, "epoch_logging")
+                                    for c in callbacks],
                          eval_batch_size=params.evaluate.batch_size)
-            model.load_state_dict(result.best_state)
+        model.load_state_dict(result.best_state)
+        with split.measure("model_file"):
             save_trained_model(Path(tmp), model, [str(i) for i in range(10)], result.best_epoch,
                                result.best_val_acc, "bench")
-        timer.stop()
+        with split.measure("run_logging"):
+            stack.close()  # ends the MLflow run
+        wall = time.perf_counter() - started
         checkpoint_bytes = (Path(tmp) / "train.pt").stat().st_size
     del model, train, val
     _release(device)
-    steps = math.ceil(len(data.train_labels) / cfg.batch_size) * epochs
-    loop_seconds = steps * cfg.batch_size / images_per_s
-    wall = timer.seconds()
-    return {"epochs": epochs, "wall_seconds": wall, "loop_seconds": loop_seconds,
-            "overhead": wall / loop_seconds - 1, "checkpoint_seconds": cfg.checkpoint_seconds,
-            "checkpoint_bytes": checkpoint_bytes, "mlflow_logging": mlflow_logging,
-            "best_val_acc": result.best_val_acc}
+    seconds = {part: split.seconds.get(part, 0.0) for part in (
+        "to_device", "evaluation", "checkpoint", "model_file")}
+    seconds["logging"] = split.seconds.get("run_logging", 0.0) + split.seconds.get(
+        "epoch_logging", 0.0)
+    seconds["loop"] = (split.seconds["fit"] - seconds["evaluation"] - seconds["checkpoint"]
+                       - split.seconds.get("epoch_logging", 0.0))
+    seconds["other"] = max(wall - sum(seconds.values()), 0.0)
+    images = epochs * len(data.train_labels)
+    return {"epochs": epochs, "train_images": len(data.train_labels),
+            "batch_size": cfg.batch_size, "wall_seconds": wall,
+            "seconds": {part: seconds[part] for part in STAGE_PARTS},
+            "overhead": (wall - seconds["loop"]) / seconds["loop"],
+            "loop_images_per_s": images / seconds["loop"],
+            "checkpoints": split.calls.get("checkpoint", 0), "checkpoint_bytes": checkpoint_bytes,
+            "checkpoint_seconds_setting": cfg.checkpoint_seconds,
+            "mlflow_logging": mlflow_logging, "best_val_acc": result.best_val_acc,
+            "history": [{k: row[k] for k in ("epoch", "seconds", "train_loss", "val_acc")}
+                        for row in result.history]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,6 +778,8 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"{label:<{LABEL}}{r['images_per_s']:>10.0f}{r['tflops']:>10.3f}"
                      f"{_num(None if frac is None else 100 * frac, '.1f'):>8}")
     lines.append(f"{'speed-up (b)/(a)':<{LABEL}}{_num(tp['speedup'], '.2f', 'x'):>10}")
+    if b and b.get("worker_failure"):
+        lines.append(f"  ((a) with 0 workers: {b['worker_failure']})")
     lines.append(f"  ({t['steps']} timed steps after {t['warmup_steps']} warm-up steps each)")
     tta = results["time_to_accuracy"]
     if tta:
