@@ -4,7 +4,6 @@ against data.md5."""
 from pathlib import Path
 
 from cifar_alexnet.cli import parse_params, run_stage, stage_parser
-from cifar_alexnet.stages.download import fetch, source_url
 
 
 def main() -> None:
@@ -12,6 +11,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="where the archive is kept")
     args = parser.parse_args()
     params = parse_params(args)
+    # Imported once the arguments are read: --help and a bad param answer at once, not after
+    # the seconds torch and MLflow take to import.
+    from cifar_alexnet.stages.download import fetch, source_url
+
     fetch(source_url(params.data.url), params.data.md5, args.out)
 
 

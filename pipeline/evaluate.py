@@ -3,7 +3,6 @@
 from pathlib import Path
 
 from cifar_alexnet.cli import parse_params, run_stage, stage_parser
-from cifar_alexnet.stages.evaluate import evaluate_stage
 
 
 def main() -> None:
@@ -14,8 +13,14 @@ def main() -> None:
     parser.add_argument("--reports", type=Path, required=True, help="reports directory")
     args = parser.parse_args()
     params = parse_params(args)
+    # Imported once the arguments are read: --help and a bad param answer at once, not after
+    # the seconds torch and MLflow take to import.
+    from cifar_alexnet.stages.evaluate import evaluate_stage
+
     evaluate_stage(params, args.data, args.model, args.metrics, args.reports)
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, interrupted="interrupted; the evaluation did not finish, so reports/ was not "
+                                "written (it is written whole or not at all) and the training "
+                                "run is unchanged: run it again (`dvc repro`) to evaluate")

@@ -6,6 +6,7 @@ step with dvc.lock.
                                   # dvc exp run -S train.lr=0.01 -S model.dropout=0.3
 """
 
+import argparse
 import subprocess
 import sys
 
@@ -15,7 +16,12 @@ from cifar_alexnet.best_params import DROPOUT, LR
 
 
 def main() -> None:
-    overrides = split_override_string(" ".join(sys.argv[1:]))
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("overrides", nargs="*",
+                        help="section.key=value, comma-separated or as separate arguments")
+    overrides = split_override_string(",".join(parser.parse_args().overrides))
     # A bad value is refused here, before DVC writes it into params.yaml.
     params = load_params("params.yaml", overrides)
     tuned = sorted({o.split("=", 1)[0].strip() for o in overrides} & {LR, DROPOUT})
@@ -27,7 +33,10 @@ def main() -> None:
     command += ["exp", "run", *(a for o in overrides for a in ("-S", o))] if overrides \
         else ["repro"]
     print("running:", " ".join(["dvc", *command[3:]]), flush=True)
-    sys.exit(subprocess.call(command))
+    from cifar_alexnet import tracking
+
+    with tracking.project_invocation(params):
+        sys.exit(subprocess.call(command))
 
 
 if __name__ == "__main__":

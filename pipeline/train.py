@@ -3,7 +3,6 @@
 from pathlib import Path
 
 from cifar_alexnet.cli import overridden_keys, parse_params, run_stage, stage_parser
-from cifar_alexnet.stages.train import TrainOutputs, train_stage
 
 
 def main() -> None:
@@ -20,6 +19,10 @@ def main() -> None:
                         help="per-epoch checkpoint: an interrupted training resumes from it")
     args = parser.parse_args()
     params = parse_params(args)
+    # Imported once the arguments are read: --help and a bad param answer at once, not after
+    # the seconds torch and MLflow take to import.
+    from cifar_alexnet.stages.train import TrainOutputs, train_stage
+
     outputs = TrainOutputs(args.out, args.metrics, args.history, args.curves, args.checkpoint)
     train_stage(params, args.data, outputs, best_params_path=args.best_params,
                 keep=overridden_keys(args))

@@ -2,9 +2,7 @@
 
 from pathlib import Path
 
-from cifar_alexnet.cli import parse_params, run_stage, stage_parser
-from cifar_alexnet.tune.objective import run_study
-from cifar_alexnet.tune.report import write_disabled
+from cifar_alexnet.cli import TUNING_INTERRUPTED, parse_params, run_stage, stage_parser
 
 
 def main() -> None:
@@ -14,6 +12,11 @@ def main() -> None:
                         help="directory for best_params.yaml, summary.json, trials.csv, plots/")
     args = parser.parse_args()
     params = parse_params(args)
+    # Imported once the arguments are read: --help and a bad param answer at once, not after
+    # the seconds Optuna, torch and MLflow take to import.
+    from cifar_alexnet.tune.objective import run_study
+    from cifar_alexnet.tune.report import write_disabled
+
     if params.tune.n_trials == 0:
         write_disabled(args.out)
     else:
@@ -21,4 +24,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    run_stage(main, interrupted=TUNING_INTERRUPTED)

@@ -67,8 +67,10 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: this interpreter's bin first (DVC runs `python`)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.pop("MLFLOW_TRACKING_URI", None)
-    env.pop("MLFLOW_RUN_ID", None)
+    # MLflow exports these from set_tracking_uri/set_experiment/start_run in this process
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
+                 "MLFLOW_EXPERIMENT_NAME"):
+        env.pop(name, None)
     env.update(extra)
     return env
 

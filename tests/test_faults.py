@@ -388,9 +388,77 @@ def test_a_damaged_model_file_is_named_by_evaluate(project, damage, tmp_path):
                        "--model", "models", "--metrics", "metrics/evaluate.json", "--reports",
                        "reports", cwd=project)
     line = error_line(result)
-    assert "models/model.pt cannot be loaded as this pipeline's model" in line
+    assert ("models/model.pt cannot be loaded as this pipeline's model" in line
+            if damage == "truncated" else "models/model.pt is refused: loading it would run code"
+            in line)
     assert "dvc checkout models" in line
     assert not marker.exists() and not (project / "reports").exists()
+
+
+EVALUATE_ARGS = ("--params", "params.yaml", "--data", "data/prepared", "--model", "models",
+                 "--metrics", "metrics/evaluate.json", "--reports", "reports")
+
+
+@pytest.fixture
+def trained(project):
+    """``project`` after the train stage: models/ and a FINISHED training run in mlflow.db."""
+    result = run_stage("train", *TRAIN_ARGS, cwd=project)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED"
+    return project, client, run
+
+
+def evaluation_left(client, run) -> tuple[str, str | None, list]:
+    """The training run's status and evaluate.status tag, and its logged models' statuses."""
+    import mlflow
+
+    after = client.get_run(run.info.run_id)
+    mlflow.set_tracking_uri(client.tracking_uri)
+    try:
+        models = mlflow.search_logged_models(
+            filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list")
+    finally:
+        mlflow.set_tracking_uri(None)
+    return (after.info.status, after.data.tags.get("evaluate.status"),
+            [str(m.status) for m in models])
+
+
+@pytest.mark.slow
+def test_sigterm_during_evaluate_keeps_the_training_run_and_leaves_no_half_reports(trained):
+    project, client, run = trained
+    evaluation = subprocess.Popen([sys.executable, str(ROOT / "pipeline/evaluate.py"),
+                                   *EVALUATE_ARGS], cwd=project, env=subprocess_env(),
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in evaluation.stderr:  # scored, now writing reports and logging the model
+        seen.append(line)
+        if " test: accuracy" in line:
+            evaluation.terminate()
+            break
+    rest = evaluation.stderr.read()
+    assert evaluation.wait(timeout=120) == 130, "".join(seen) + rest
+    assert "the evaluation did not finish" in rest and "Traceback" not in rest
+    assert not (project / "reports").exists() and not (project / "metrics/evaluate.json").exists()
+    status, evaluated, models = evaluation_left(client, run)
+    assert (status, evaluated) == ("FINISHED", "KILLED")  # the training itself was fine
+    assert "LoggedModelStatus.PENDING" not in models and "PENDING" not in models, models
+
+
+def test_an_unwritable_artifact_directory_stops_evaluate_before_it_logs_anything(trained):
+    project, client, run = trained
+    artifacts = project / "mlruns" / "cifar10-alexnet" / run.info.run_id / "artifacts"
+    shutil.rmtree(artifacts)
+    artifacts.write_text("a file where the run's artifact directory should be")
+    line = error_line(run_stage("evaluate", *EVALUATE_ARGS, cwd=project))
+    assert f"cannot write MLflow artifacts to file://{artifacts}" in line
+    status, evaluated, _ = evaluation_left(client, run)
+    assert (status, evaluated) == ("FINISHED", None)
+    assert "test/accuracy" not in client.get_run(run.info.run_id).data.metrics
+    assert not (project / "reports").exists()
 
 
 @pytest.mark.slow

@@ -278,3 +278,27 @@ def test_a_live_writers_temporary_file_is_left_alone(tmp_path):
     finally:
         writer.kill()
         writer.wait(timeout=30)
+
+
+@pytest.mark.parametrize("umask, file_mode, dir_mode", [(0o022, 0o644, 0o755),
+                                                        (0o002, 0o664, 0o775),
+                                                        (0o077, 0o600, 0o700)],
+                         ids=["umask-022", "umask-002", "umask-077"])
+def test_outputs_get_the_modes_the_users_umask_gives(tmp_path, umask, file_mode, dir_mode):
+    # In a child process: the umask is process-wide, and the /proc reading is what is tested.
+    writer = python("""
+        import os, sys
+        from pathlib import Path
+        from cifar_alexnet.io import atomic_dir, atomic_path, write_text
+        os.umask(int(sys.argv[2], 8))
+        out = Path(sys.argv[1])
+        write_text(out / "metrics.json", "{}")
+        with atomic_path(out / "model.pt") as tmp:
+            tmp.write_bytes(b"weights")
+        with atomic_dir(out / "prepared", replaces={"a.npz"}) as tmp:
+            write_text(tmp / "a.npz", "arrays")
+        """, str(tmp_path), oct(umask))
+    assert writer.wait(timeout=60) == 0, writer.stderr.read()
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.rglob("*")}
+    assert modes == {"metrics.json": file_mode, "model.pt": file_mode, "prepared": dir_mode,
+                     "a.npz": file_mode}

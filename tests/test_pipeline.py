@@ -52,7 +52,7 @@ def test_repro_produces_every_output(repro):
                  "metrics/training_curves.png"):
         assert (project / path).is_file(), path
     assert not (project / "checkpoints/train.pt").exists()  # finished: nothing to resume
-    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    evaluation = json.loads((project / "metrics/evaluate.json").read_text())["test"]
     assert {"accuracy", "loss", "macro_f1", "weighted_f1"} <= set(evaluation)
     assert evaluation["accuracy"] > 0.4  # 4x chance: the synthetic classes are learnable
     history = pd.read_csv(project / "metrics/train_history.csv")
@@ -74,7 +74,7 @@ def test_dvc_metrics_and_plots_read_the_outputs(repro):
     project, _ = repro
     shown = json.loads(dvc("metrics", "show", "--json", cwd=project).stdout)
     data = next(iter(shown.values()))["data"]
-    assert "accuracy" in data["metrics/evaluate.json"]["data"]
+    assert "accuracy" in data["metrics/evaluate.json"]["data"]["test"]
     assert "best_val_acc" in data["metrics/train.json"]["data"]
     plots = dvc("plots", "show", "--json", cwd=project)
     assert plots.returncode == 0, plots.stderr
@@ -99,7 +99,7 @@ def test_mlflow_run_holds_params_history_metrics_artifacts_and_tags(repro, clien
     assert run.data.params["data.md5"] == params["data"]["md5"]
     history = client.get_metric_history(run_id, "val/acc")
     assert [m.step for m in history] == [1, 2, 3, 4]
-    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    evaluation = json.loads((project / "metrics/evaluate.json").read_text())["test"]
     assert run.data.metrics["test/accuracy"] == pytest.approx(evaluation["accuracy"])
     assert run.data.metrics["test/macro_f1"] == pytest.approx(evaluation["macro_f1"])
     tags = run.data.tags

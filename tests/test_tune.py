@@ -19,7 +19,8 @@ from optuna.trial import TrialState
 from cifar_alexnet.config import flatten, params_from_dict
 from cifar_alexnet.errors import ConfigError, PipelineError
 from cifar_alexnet.stages.train import apply_best_params
-from cifar_alexnet.best_params import BEST_PARAMS_FILE, DROPOUT, LR
+from cifar_alexnet.best_params import (BEST_PARAMS_FILE, DROPOUT, LR, load_best_params,
+                                      write_best_params)
 from cifar_alexnet.tune.objective import run_study
 from cifar_alexnet.tune.report import STUDY_FILE, SUMMARY_FILE, TRIALS_FILE, write_disabled
 from cifar_alexnet.tune.study import open_study, progress, study_name
@@ -59,16 +60,18 @@ def test_study_searches_the_ranges_and_writes_best_params_that_train_uses(
     assert best["params"] == {"train": {"lr": study.best_params[LR]},
                               "model": {"dropout": study.best_params[DROPOUT]}}
     summary = yaml.safe_load((out / SUMMARY_FILE).read_text())
-    # A DVC metric: numbers only (strings make `dvc exp show` columns unreadably wide)...
-    assert not [k for k, v in flatten(summary).items() if isinstance(v, str)]
+    # A DVC metric: what the study found, as numbers (strings make `dvc exp show` columns
+    # unreadably wide, counters crowd out the results)...
+    assert summary == {"best_value": study.best_value, "best_trial": study.best_trial.number,
+                       "best_margin": pytest.approx(summary["best_margin"])}
     assert summary["best_margin"] > 0
-    # ...and the words beside it
+    # ...and the words and counts beside it
     study_info = yaml.safe_load((out / STUDY_FILE).read_text())
     assert study_info["study_name"] == study.study_name
     assert study_info["direction"] == "maximize" and study_info["storage"].startswith("sqlite")
-    assert summary["trials_complete"] + summary["trials_pruned"] == 4
-    assert summary["epochs_without_pruning"] == 4 * 3
-    assert summary["epochs_spent"] == sum(t.user_attrs["epochs_run"] for t in study.trials)
+    assert study_info["trials_complete"] + study_info["trials_pruned"] == 4
+    assert study_info["epochs_without_pruning"] == 4 * 3
+    assert study_info["epochs_spent"] == sum(t.user_attrs["epochs_run"] for t in study.trials)
     assert len((out / TRIALS_FILE).read_text().splitlines()) == 1 + 4
     assert {p.name for p in (out / "plots").iterdir()} == {
         "optimization_history.png", "param_importances.png", "lr_dropout_contour.png"}
@@ -116,9 +119,9 @@ def test_the_median_pruner_stops_a_trial_that_cannot_learn(archive, prepared, tm
     states = [t.state for t in study.trials]
     assert states == [TrialState.COMPLETE] * 3 + [TrialState.PRUNED], states
     assert study.trials[3].user_attrs["epochs_run"] < 3  # stopped before its last epoch
-    summary = yaml.safe_load((tmp_path / "tune" / SUMMARY_FILE).read_text())
-    assert summary["trials_pruned"] == 1
-    assert summary["epochs_spent"] < summary["epochs_without_pruning"] == 12
+    counts = yaml.safe_load((tmp_path / "tune" / STUDY_FILE).read_text())
+    assert counts["trials_pruned"] == 1
+    assert counts["epochs_spent"] < counts["epochs_without_pruning"] == 12
     client = MlflowClient(tracking_uri)
     (pruned,) = client.search_runs(
         [e.experiment_id for e in client.search_experiments()],
@@ -175,6 +178,24 @@ def test_a_resumed_study_suggests_what_the_uninterrupted_one_did(archive, prepar
     assert [t.value for t in resumed.trials] == [t.value for t in straight.trials]
 
 
+def test_concurrent_top_ups_with_one_worker_id_draw_different_trials(archive, tmp_path):
+    """`dvc queue start -j 2`: two tune stages top the same study up at once, both as worker 0.
+    Each trial is seeded once it exists, so the later one sees the earlier one running."""
+    params = tune_params(archive, tmp_path, n_trials=4)
+    first, second = open_study(params), open_study(params)  # two processes' views
+    drawn = []
+    for study in (first, second):
+        trial = study.ask()
+        drawn.append((trial.suggest_float(LR, params.tune.lr_low, params.tune.lr_high, log=True),
+                      trial.suggest_float(DROPOUT, 0.0, 0.5)))
+    assert drawn[0] != drawn[1]
+    # ...while a trial started alone draws what the first one did: seeds depend on the study's
+    # state, not on the process.
+    alone = open_study(tune_params(archive, tmp_path / "other", n_trials=4)).ask()
+    assert (alone.suggest_float(LR, params.tune.lr_low, params.tune.lr_high, log=True),
+            alone.suggest_float(DROPOUT, 0.0, 0.5)) == drawn[0]
+
+
 def test_a_diverging_trial_fails_with_its_reason_and_the_study_goes_on(archive, prepared,
                                                                        tmp_path, tracking_uri):
     raw = tune_raw(archive, tmp_path, n_trials=2, epochs_per_trial=2, lr_low=1e5, lr_high=1e6)
@@ -225,6 +246,27 @@ def test_tuning_off_means_training_uses_params_yaml(archive, tmp_path):
     trained, tags = apply_best_params(params, tmp_path / "tune" / BEST_PARAMS_FILE)
     assert trained == params
     assert "params.yaml" in tags["tune.applied"]
+
+
+def test_tuning_off_over_tuned_values_says_what_it_replaces(archive, tmp_path, caplog):
+    out = tmp_path / "tune"
+    write_best_params(out / BEST_PARAMS_FILE, {LR: 0.003, DROPOUT: 0.2}, "my-study", 7)
+    write_disabled(out)
+    assert load_best_params(out / BEST_PARAMS_FILE)[0] == {}
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert "tune.n_trials is 0" in warning and "train.lr=0.003" in warning
+    assert "my-study" in warning and "trial 7" in warning
+
+
+def test_a_study_run_that_the_next_dvc_repro_would_discard_is_refused(archive, prepared,
+                                                                      tmp_path):
+    params_file = write_params(tmp_path / "params.yaml", tune_raw(archive, tmp_path, n_trials=0))
+    worker = cifar_study("run", "--n-trials", "1", "--params", str(params_file), "--data",
+                         str(prepared), cwd=tmp_path)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 1
+    assert "tune.n_trials is 0" in err and "--no-out" in err and "Traceback" not in err
+    assert not (tmp_path / "tune").exists() and not (tmp_path / "study.db").exists()
 
 
 def cifar_study(*args, cwd, env=None, **popen):
@@ -293,6 +335,32 @@ def test_worker_killed_mid_trial_resumes_keeping_finished_trials_and_retrying_th
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     assert client.get_run(killed.user_attrs["mlflow_run_id"]).info.status == "KILLED"
     assert client.get_run(killed.user_attrs["mlflow_parent_run_id"]).info.status == "KILLED"
+
+
+@pytest.mark.slow
+def test_sigterm_mid_trial_stops_with_one_message_and_no_optuna_traceback(archive, prepared,
+                                                                         tmp_path):
+    raw = tune_raw(archive, tmp_path, n_trials=2, epochs_per_trial=20, pruner="none")
+    params = params_from_dict(raw)
+    worker = cifar_study("run", "--params", str(write_params(tmp_path / "params.yaml", raw)),
+                         "--data", str(prepared), cwd=tmp_path, env=subprocess_env(
+                             MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    reader = optuna.storages.RDBStorage(params.tune.storage)
+
+    def mid_trial():
+        try:
+            trials = optuna.load_study(study_name=study_name(params), storage=reader).trials
+        except KeyError:
+            return False
+        return bool(trials) and trials[0].user_attrs.get("epochs_run")
+
+    wait_until(mid_trial, 300, "the first trial's first epoch")
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=120)
+    assert worker.returncode == 130
+    assert "Traceback" not in err and "KeyboardInterrupt()" not in err, err
+    assert "the study keeps every finished trial" in err
+    assert len(err.strip().splitlines()) < 15, err
 
 
 @pytest.mark.slow

@@ -76,7 +76,7 @@ def queue_two_and_start(project: Path) -> list[subprocess.CompletedProcess]:
                # tuning off: training takes train.lr from params.yaml
                dvc("exp", "run", "--queue", "-S", "train.epochs=1", "-S", "train.lr=0.001",
                    "-S", "tune.n_trials=0", cwd=project)]
-    results.append(dvc("queue", "start", cwd=project))
+    results.append(dvc("queue", "start", "-j", "2", cwd=project))  # both at once
     results.append(wait_for_queue(project))
     return results
 
@@ -97,7 +97,7 @@ def worker_then_repro(project: Path) -> list[subprocess.CompletedProcess]:
 WORKFLOWS: dict[str, Callable[[Path], list[subprocess.CompletedProcess]]] = {
     "dvc repro": lambda p: [dvc("repro", cwd=p)],
     "dvc exp run -S": lambda p: [dvc("exp", "run", "-S", "train.epochs=3", cwd=p)],
-    "dvc exp run --queue x2 + dvc queue start": queue_two_and_start,
+    "dvc exp run --queue x2 + dvc queue start -j 2": queue_two_and_start,
     # a changed tune.n_trials: the temporary copy tops up the repository's study
     "dvc exp run --temp": lambda p: [dvc("exp", "run", "--temp", "-S", "tune.n_trials=2",
                                          "-S", "train.epochs=5", cwd=p)],
@@ -234,13 +234,32 @@ def test_queued_and_temporary_experiments_are_named_and_tagged_in_the_repository
     assert "Running stage 'tune'" in temp.stdout, temp.stdout
 
 
-def test_mlflow_run_nests_the_study_and_the_training_under_one_parent(matrix):
+def invocation_parent(outcome: Outcome):
+    """The parent run an `mlflow run` invocation's stages are nested under, in the project's
+    experiment, after checking that MLflow Projects' own run (which `mlflow run` makes in the
+    Default experiment when no --experiment-name is given) points to it and holds nothing."""
+    projects_id = re.search(r"Run \(ID '(\w+)'\) succeeded", outcome.results[0].stderr)[1]
+    by_id = {r.info.run_id: r for r in outcome.runs}
+    projects_run = by_id[projects_id]
+    (parent,) = [r for r in outcome.runs if r.data.tags.get("mlflow_projects.run_id") == projects_id]
+    assert parent.info.run_id in projects_run.data.tags["mlflow.note.content"]
+    assert parent.info.status == "FINISHED"
+    assert parent.info.run_name.startswith("mlflow run ")
+    # Default holds MLflow Projects' runs only; everything else is in the project's experiment.
+    default = projects_run.info.experiment_id
+    assert all("mlflow.project.entryPoint" in r.data.tags
+               for r in outcome.runs if r.info.experiment_id == default)
+    assert {r.info.experiment_id for r in outcome.runs} == {default, parent.info.experiment_id}
+    return parent
+
+
+def test_mlflow_run_lands_in_the_projects_experiment_with_one_parent(matrix):
     project, outcomes = matrix
     outcome = outcomes["mlflow run ."]
-    parent_id = re.search(r"Run \(ID '(\w+)'\) succeeded", outcome.results[0].stderr).group(1)
-    client = store(project)
-    children = client.search_runs([client.get_run(parent_id).info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_id}'")
+    parent = invocation_parent(outcome)
+    assert store(project).get_experiment(parent.info.experiment_id).name == "cifar10-alexnet"
+    children = [r for r in outcome.runs
+                if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name.split()[0] for r in children) == ["study", "train"]
     training = next(r for r in children if r.info.run_name.startswith("train"))
     tuning = next(r for r in children if r.info.run_name.startswith("study"))
@@ -254,14 +273,15 @@ def test_mlflow_run_nests_the_study_and_the_training_under_one_parent(matrix):
 
 def test_tune_entry_point_grows_the_study_and_dvc_status_shows_it(matrix):
     project, outcomes = matrix
-    tuned, status, repro = outcomes["mlflow run . -e tune, then dvc repro"].results
+    outcome = outcomes["mlflow run . -e tune, then dvc repro"]
+    tuned, status, repro = outcome.results
     assert tuned.returncode == 0, tuned.stdout + tuned.stderr
-    parent_id = re.search(r"Run \(ID '(\w+)'\) succeeded", tuned.stderr).group(1)
-    (study_run,) = [r for r in outcomes["mlflow run . -e tune, then dvc repro"].runs
-                    if r.data.tags.get("mlflow.parentRunId") == parent_id]
+    parent = invocation_parent(outcome)
+    (study_run,) = [r for r in outcome.runs
+                    if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert study_run.info.run_name.startswith("study ")
     assert study_run.data.params["tune.n_trials"] == "2"
-    trials = [r for r in outcomes["mlflow run . -e tune, then dvc repro"].runs
+    trials = [r for r in outcome.runs
               if r.data.tags.get("mlflow.parentRunId") == study_run.info.run_id]
     assert len(trials) == 1  # the study held 1 finished trial; one more tops it up to 2
     # The tune stage's outputs moved (the study has a second trial; train is behind if the best

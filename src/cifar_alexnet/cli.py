@@ -35,8 +35,15 @@ def overridden_keys(args: argparse.Namespace) -> set[str]:
     return {item.split("=", 1)[0].strip() for item in _overrides(args)}
 
 
-def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage; a PipelineError becomes one clear line on stderr and exit status 1."""
+RESUME_HINT = ("interrupted; outputs already written are complete, the rest were not written; "
+               "run it again to resume (training continues from its last checkpoint)")
+TUNING_INTERRUPTED = ("interrupted; the study keeps every finished trial and runs the interrupted "
+                      "one again: rerun the same command (or `dvc repro`) to continue")
+
+
+def run_stage(main: Callable[[], None], interrupted: str = RESUME_HINT) -> None:
+    """Run a stage; a PipelineError becomes one clear line on stderr and exit status 1, Ctrl-C
+    or SIGTERM the line ``interrupted`` (what was kept, how to continue) and exit status 130."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     # Pre-emption sends SIGTERM: unwind like Ctrl-C, so MLflow runs are marked KILLED and
@@ -48,7 +55,5 @@ def run_stage(main: Callable[[], None]) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print("interrupted; outputs already written are complete, the rest were not written; "
-              "run it again to resume (training continues from its last checkpoint)",
-              file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)

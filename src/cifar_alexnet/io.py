@@ -83,6 +83,23 @@ def _is_write_failure(exc: OSError) -> bool:
     return exc.errno in _HINTS or exc.errno in _NOT_A_DIRECTORY
 
 
+def _umask() -> int:
+    """The process's umask. Linux reports it in /proc; elsewhere it can only be read by setting
+    it, which is briefly process-wide, so that is the fallback."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: Path, directory: bool = False) -> None:
+    """Give a temporary file (mkstemp: 0600) or directory (mkdtemp: 0700) the mode an ordinary
+    ``open``/``mkdir`` would have: outputs readable by whoever the user's umask allows."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as fh:
         os.fsync(fh.fileno())
@@ -126,6 +143,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 raise
             raise _write_error(path, exc, path, existed) from None
         try:
+            _as_if_created(tmp)
             _fsync_file(tmp)  # data on disk before the name points at it
             os.replace(tmp, path)
         except OSError as exc:
@@ -207,6 +225,7 @@ def atomic_dir(path: str | Path, replaces: Collection[str]) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        _as_if_created(tmp, directory=True)
     except OSError as exc:
         raise _write_error(path, exc, path, existed) from None
 

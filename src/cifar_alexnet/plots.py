@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from cifar_alexnet.io import atomic_path
 
@@ -51,6 +52,7 @@ def history_figure(history: Sequence[dict[str, float]]) -> Figure:
         ax.legend()
     loss_ax.set_title("Loss")
     acc_ax.set_title("Accuracy")
+    integer_x_axis(fig)
     return fig
 
 
@@ -87,10 +89,19 @@ def image_grid_figure(images: np.ndarray, captions: Sequence[str], title: str,
     return fig
 
 
+def integer_x_axis(fig: Figure) -> None:
+    """Ticks at whole numbers only on every x axis of ``fig`` (epochs, trial numbers)."""
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def save(fig: Figure, path) -> None:
-    """Write ``fig`` as PNG atomically and free it (also a pyplot figure, such as Optuna's)."""
+    """Write ``fig`` as PNG atomically and free it (also a pyplot figure, such as Optuna's).
+
+    ``bbox_inches="tight"`` grows the saved area to every label: Optuna's figures lay
+    themselves out for their own size, and long parameter names were cut off at the edge."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
+        fig.savefig(tmp, dpi=110, format="png", bbox_inches="tight")
     if fig.canvas.manager is not None:  # made by pyplot, which keeps it until closed
         import matplotlib.pyplot as plt
 

@@ -3,7 +3,11 @@
 A model is ``models/`` (what the train stage wrote; flip TTA from ``evaluate.flip_tta``, as the
 evaluate stage applies it), or any MLflow model URI: ``runs:/<run>/model``, ``models:/m-<id>``,
 ``models:/cifar10-alexnet@champion`` (the logged model already holds its TTA). Every picture is
-decoded to RGB and fitted to 32 x 32 by :func:`cifar_alexnet.core.transforms.fit_to_input`.
+decoded as a person would see it (:mod:`cifar_alexnet.pictures`: regular files only, size and
+aspect caps, big pictures shrunk while decoding) and fitted to 32 x 32 by
+:func:`cifar_alexnet.core.transforms.fit_to_input`. Results stream out a batch at a time.
+
+torch, numpy, Pillow and MLflow are imported where they are used, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -13,25 +17,28 @@ import csv
 import io
 import json
 import logging
+import os
+import signal
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TextIO
 
 from cifar_alexnet.cli import parse_params, run_stage, stage_parser
 from cifar_alexnet.core.cifar10 import IMAGE_SHAPE
-from cifar_alexnet.core.model import FlipTTA
-from cifar_alexnet.core.train import Accel, predict, resolve_device
-from cifar_alexnet.core.transforms import fit_to_input
 from cifar_alexnet.errors import PipelineError
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 LOCAL_MODEL_FILE = "model.pt"
+INTERRUPTED = ("interrupted; the results printed so far are complete (JSON output is closed, "
+               "so it parses), the files after them were not classified: run it again to "
+               "classify them")
 
 
 @dataclass(frozen=True)
@@ -62,23 +69,27 @@ def image_files(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
 def read_image(path: Path) -> torch.Tensor:
     """A picture file as the model's input: uint8 (3, 32, 32), RGB, through Pillow (PNG, JPEG,
     GIF's first frame, WebP, BMP, TIFF ...; torchvision's own decoders are deprecated since
-    0.29). Gray is replicated, a palette expanded; transparency is dropped, not composited."""
-    from PIL import Image, UnidentifiedImageError
+    0.29). Gray is replicated, a palette expanded; transparency is dropped, not composited.
+    Decoded at most at twice the input size (:func:`cifar_alexnet.pictures.decode_picture`);
+    PictureError (a ValueError) says why a file cannot be classified."""
+    import torch
 
-    try:
-        with Image.open(path) as picture:
-            rgb = np.asarray(picture.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise ValueError(f"not a readable image ({exc})") from None
-    return fit_to_input(torch.from_numpy(rgb.copy()).permute(2, 0, 1), IMAGE_SHAPE[1])
+    from cifar_alexnet.core.transforms import fit_to_input
+    from cifar_alexnet.pictures import decode_picture
+
+    size = IMAGE_SHAPE[1]
+    rgb = decode_picture(path, min_side=2 * size)
+    return fit_to_input(torch.from_numpy(rgb).permute(2, 0, 1), size)
 
 
-Scorer = Callable[[torch.Tensor], torch.Tensor]  # uint8 (N, 3, 32, 32) -> logits (N, C)
+Scorer = Callable[["torch.Tensor"], "torch.Tensor"]  # uint8 (N, 3, 32, 32) -> logits (N, C)
 
 
 def local_model(model_dir: Path, flip_tta: bool, device_name: str,
                 batch_size: int) -> tuple[Scorer, list[str]]:
     """The model the train stage wrote, evaluated as the evaluate stage does."""
+    from cifar_alexnet.core.model import FlipTTA
+    from cifar_alexnet.core.train import Accel, predict, resolve_device
     from cifar_alexnet.stages.artifacts import load_trained_model
 
     model, payload = load_trained_model(model_dir)
@@ -90,6 +101,8 @@ def local_model(model_dir: Path, flip_tta: bool, device_name: str,
 
 
 def mlflow_model(model_uri: str) -> tuple[Scorer, list[str]]:
+    import torch
+
     from cifar_alexnet import tracking
 
     run, names = tracking.load_logged_model(model_uri)
@@ -101,52 +114,95 @@ def mlflow_model(model_uri: str) -> tuple[Scorer, list[str]]:
     return (lambda images: torch.from_numpy(run(images.numpy()))), list(names)
 
 
-def classify(files: Sequence[Path], model: Scorer, class_names: Sequence[str], top_k: int,
-             batch_size: int) -> tuple[list[Prediction], list[str]]:
-    """Top-k predictions for every readable file, and a problem line for each unreadable one."""
-    readable, images, problems = [], [], []
+def classify(files: Iterable[Path], model: Scorer, class_names: Sequence[str], top_k: int,
+             batch_size: int, problem: Callable[[str], None]) -> Iterator[list[Prediction]]:
+    """Top-k predictions, a list per ``batch_size`` readable files, each as soon as it is scored;
+    only that batch's pictures are held. Each file that cannot be classified is passed to
+    ``problem`` as one line (the file, why) when it is met."""
+    import torch
+
+    from cifar_alexnet.pictures import PictureError
+
+    k = min(top_k, len(class_names))
+
+    def scored(paths: list[Path], images: list[torch.Tensor]) -> list[Prediction]:
+        probabilities = torch.softmax(model(torch.stack(images)).float(), 1)
+        top = probabilities.topk(k, dim=1)
+        return [Prediction(str(path), tuple(class_names[i] for i in indices),
+                           tuple(float(v) for v in values))
+                for path, values, indices in zip(paths, top.values, top.indices)]
+
+    paths: list[Path] = []
+    images: list[torch.Tensor] = []
     for path in files:
         try:
             images.append(read_image(path))
-            readable.append(path)
-        except (ValueError, RuntimeError, OSError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            problems.append(f"{path}: cannot be read as an image ({reason})")
-    predictions = []
-    k = min(top_k, len(class_names))
-    for start in range(0, len(images), batch_size):
-        batch = torch.stack(images[start:start + batch_size])
-        probabilities = torch.softmax(model(batch).float(), 1)
-        top = probabilities.topk(k, dim=1)
-        for path, values, indices in zip(readable[start:start + batch_size], top.values,
-                                         top.indices):
-            predictions.append(Prediction(str(path), tuple(class_names[i] for i in indices),
-                                          tuple(float(v) for v in values)))
-    return predictions, problems
+        except PictureError as exc:
+            problem(f"{path}: {exc}")
+            continue
+        paths.append(path)
+        if len(images) == batch_size:
+            yield scored(paths, images)
+            paths, images = [], []
+    if images:
+        yield scored(paths, images)
 
 
-def render(predictions: Sequence[Prediction], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps([{"file": p.file, "predictions": [
-            {"class": c, "probability": round(v, 6)} for c, v in zip(p.classes, p.probabilities)]}
-            for p in predictions], indent=2) + "\n"
-    if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["file", "rank", "class", "probability"])
-        for p in predictions:
-            for rank, (c, v) in enumerate(zip(p.classes, p.probabilities), 1):
-                writer.writerow([p.file, rank, c, f"{v:.6f}"])
-        return buffer.getvalue()
-    if not predictions:
-        return ""
-    width = max(len("file"), *(len(p.file) for p in predictions))
-    k = len(predictions[0].classes)
-    header = f"{'file':<{width}}  " + "  ".join(f"{f'top-{i}':<18}" for i in range(1, k + 1))
-    rows = [f"{p.file:<{width}}  " + "  ".join(f"{f'{c} {v:.3f}':<18}"
-                                               for c, v in zip(p.classes, p.probabilities))
-            for p in predictions]
-    return "\n".join([header.rstrip(), *(r.rstrip() for r in rows)]) + "\n"
+class Report:
+    """Predictions written to ``out`` in a format as they come, flushed a batch at a time. What
+    is written is final: a batch is written whole (Ctrl-C and SIGTERM wait for it), and close()
+    ends the document (JSON's closing bracket) even after an interruption."""
+
+    def __init__(self, out: TextIO, fmt: str, top_k: int, width: int) -> None:
+        self.out, self.fmt, self.top_k, self.width = out, fmt, top_k, width
+        self.written = 0
+        if fmt == "csv":
+            self._emit("file,rank,class,probability\n")
+
+    def write(self, predictions: Sequence[Prediction]) -> None:
+        if not predictions:
+            return
+        text = "".join(self._item(p, self.written + i) for i, p in enumerate(predictions))
+        self.written += len(predictions)
+        self._emit(text)
+
+    def close(self) -> None:
+        if self.fmt == "json":
+            self._emit("\n]\n" if self.written else "[]\n")
+
+    def _item(self, p: Prediction, index: int) -> str:
+        if self.fmt == "json":  # the text json.dumps(all, indent=2) gives, an item at a time
+            item = {"file": p.file, "predictions": [
+                {"class": c, "probability": round(v, 6)} for c, v in zip(p.classes,
+                                                                         p.probabilities)]}
+            return ("[\n" if index == 0 else ",\n") + textwrap.indent(
+                json.dumps(item, indent=2), "  ")
+        if self.fmt == "csv":
+            buffer = io.StringIO()
+            csv.writer(buffer, lineterminator="\n").writerows(
+                [p.file, rank, c, f"{v:.6f}"]
+                for rank, (c, v) in enumerate(zip(p.classes, p.probabilities), 1))
+            return buffer.getvalue()
+        header = ""
+        if index == 0:
+            header = (f"{'file':<{self.width}}  " + "  ".join(
+                f"{f'top-{i}':<18}" for i in range(1, self.top_k + 1))).rstrip() + "\n"
+        row = f"{p.file:<{self.width}}  " + "  ".join(
+            f"{f'{c} {v:.3f}':<18}" for c, v in zip(p.classes, p.probabilities))
+        return header + row.rstrip() + "\n"
+
+    def _emit(self, text: str) -> None:
+        # An interruption inside a large write would drop the rest of it (and leave half a JSON
+        # item): the signals wait until the text is out, then interrupt between batches.
+        signals = {signal.SIGINT, signal.SIGTERM}
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signals) \
+            if hasattr(signal, "pthread_sigmask") else None
+        try:
+            self.out.write(text)
+            self.out.flush()
+        finally:
+            if blocked is not None:
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,7 +213,9 @@ def _parser() -> argparse.ArgumentParser:
                              "models:/cifar10-alexnet@champion (default: %(default)s)")
     parser.add_argument("--top-k", type=int, default=3, help="classes per image (default 3)")
     parser.add_argument("--format", choices=("table", "csv", "json"), default="table")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="pictures decoded and scored at a time; results are printed after "
+                             "each batch (default %(default)s)")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda (models/ only)")
     return parser
 
@@ -167,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise PipelineError("--top-k and --batch-size must be at least 1")
     files, problems = image_files(args.paths)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
     if Path(args.model).is_dir() or ":" not in args.model:
         if not (Path(args.model) / LOCAL_MODEL_FILE).is_file():
             raise PipelineError(f"{args.model}/{LOCAL_MODEL_FILE} not found: run `dvc repro` "
@@ -176,20 +236,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         model, names = local_model(Path(args.model), flip_tta, args.device, args.batch_size)
     else:
         model, names = mlflow_model(args.model)
-    predictions, unreadable = classify(files, model, names, args.top_k, args.batch_size)
-    sys.stdout.write(render(predictions, args.format))
-    for problem in problems + unreadable:
-        print(f"error: {problem}", file=sys.stderr)
+
+    from tqdm import tqdm
+
+    unreadable = []
+
+    def report_problem(line: str) -> None:
+        unreadable.append(line)
+        tqdm.write(f"error: {line}", file=sys.stderr)  # above the progress bar, if one is shown
+
+    width = max([len("file"), *(len(str(f)) for f in files)])
+    report = Report(sys.stdout, args.format, min(args.top_k, len(names)), width)
+    try:
+        # The bar (on stderr) only where stderr is a terminal: disable=None.
+        with tqdm(files, desc="classifying", unit="file", file=sys.stderr,
+                  disable=None) as progress:
+            for batch in classify(progress, model, names, args.top_k, args.batch_size,
+                                  report_problem):
+                report.write(batch)
+    finally:
+        report.close()
     return 1 if problems or unreadable else 0
 
 
 def cli() -> None:
     def run() -> None:
-        status = main()
+        try:
+            status = main()
+        except BrokenPipeError:
+            # The reader went away (`cifar-predict … | head`): stop quietly, as other shell
+            # tools do, with the rest of stdout going nowhere (Python flushes it at exit).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
         if status:
             sys.exit(status)
 
-    run_stage(run)
+    run_stage(run, interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

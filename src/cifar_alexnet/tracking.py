@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterator, Sequence
 import mlflow
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 from matplotlib.figure import Figure
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.http_dataset_source import HTTPDatasetSource
@@ -63,16 +65,47 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
+# Files DVC itself changes while it runs: dvc.lock after every stage, and params.yaml in
+# `dvc exp run -S` (which records the values in the experiment). With the stages' outputs (which
+# `dvc exp run` stages in git's index as it goes), they do not make the code differ from the
+# commit, so they do not count as dirty.
+DVC_BOOKKEEPING = ("dvc.lock",)
+DVC_EXPERIMENT_BOOKKEEPING = ("dvc.lock", "params.yaml")
+
+
+def _dvc_outputs(project: Path) -> list[str]:
+    """The output paths dvc.yaml declares (relative to the project), [] without one."""
+    import yaml
+
+    try:
+        stages = (yaml.safe_load((project / "dvc.yaml").read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return []
+    paths = []
+    for stage in stages.values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                paths += list(entry) if isinstance(entry, dict) else [entry]
+    return [str(p).rstrip("/") for p in paths]
+
+
 def git_state(cwd: str | Path = ".") -> dict[str, str]:
-    """Commit and dirtiness of the git tree the stage runs in (empty outside git)."""
+    """Commit and dirtiness of the git tree the stage runs in (empty outside git): dirty when a
+    tracked file other than DVC's own bookkeeping and outputs differs from the commit."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True,
-                              check=True).stdout.strip()
+                              check=True).stdout
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+        commit = git("rev-parse", "HEAD").strip()
+        project = git("rev-parse", "--show-prefix").strip()  # the DVC project's folder in git
+        changed = [line[3:].split(" -> ")[-1]  # "XY path" or "XY old -> new"
+                   for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
     except (OSError, subprocess.CalledProcessError):
         return {}
+    bookkeeping = DVC_EXPERIMENT_BOOKKEEPING if dvc_experiment_tags() else DVC_BOOKKEEPING
+    managed = [project + name for name in (*bookkeeping, *_dvc_outputs(Path(cwd)))]
+    dirty = any(path not in managed and not path.startswith(tuple(f"{m}/" for m in managed))
+                for path in changed)
     return {"git.commit": commit, "git.dirty": str(dirty).lower()}
 
 
@@ -126,7 +159,13 @@ def check_store() -> None:
         _check_server(uri)
     elif uri.startswith("sqlite:"):
         try:
-            mlflow.MlflowClient().search_experiments(max_results=1)
+            with _first_open_lock(uri):
+                mlflow.MlflowClient().search_experiments(max_results=1)
+        except Timeout:
+            raise PipelineError(
+                f"waited {STORE_LOCK_TIMEOUT_S} s for another process to open the MLflow store "
+                f"{redact_url(uri)} ({uri.removeprefix('sqlite:///')}.lock is held); if no other "
+                "stage or worker is running, delete that lock file") from None
         except Exception as exc:  # SQLAlchemy/sqlite raise their own types, MLflow wraps some
             reason = str(exc).strip().splitlines()[0][:200]
             raise PipelineError(
@@ -134,6 +173,21 @@ def check_store() -> None:
                 "damaged or not an MLflow store. Move it away (a new one is created) or restore "
                 "it from a backup, or set MLFLOW_TRACKING_URI to another store") from None
     _checked.add(uri)
+
+
+STORE_LOCK_TIMEOUT_S = 300
+
+
+def _first_open_lock(uri: str) -> Any:
+    """A lock beside an SQLite store's file, held while this process first opens it. MLflow
+    creates its tables and migrates the schema on first open without locking: two stages
+    opening a new store at once (`dvc queue start -j 2`, two study workers) both failed, and
+    could leave the file half-migrated for good. One opener at a time makes that safe."""
+    path = uri.removeprefix("sqlite:///")
+    if not uri.startswith("sqlite:///") or path in ("", ":memory:"):
+        return contextlib.nullcontext()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{path}.lock", timeout=STORE_LOCK_TIMEOUT_S)
 
 
 def _check_server(uri: str) -> None:
@@ -212,24 +266,87 @@ def invocation_run() -> str | None:
     return _invocation[0] if _invocation else None
 
 
+def _project_experiment(params: Params, default_store: bool) -> Any:
+    """The experiment params.yaml names (``mlflow.experiment``), created when missing."""
+    name = params.mlflow.experiment
+    if default_store and mlflow.get_experiment_by_name(name) is None:
+        # MLflow would put artifacts in ./mlruns of the working directory, i.e. inside a
+        # temporary experiment copy: name the repository's mlruns/ instead.
+        with contextlib.suppress(MlflowException):  # created meanwhile by another stage
+            mlflow.create_experiment(
+                name, artifact_location=(project_root() / DEFAULT_ARTIFACTS
+                                         / _slug(name)).as_uri())
+    return _model_training(mlflow.set_experiment(name))
+
+
+def _model_training(experiment: Any) -> Any:
+    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return experiment
+
+
 def _set_experiment(params: Params) -> None:
     default_store = use_default_store()
     parent = invocation_run()
-    if parent:  # the experiment `mlflow run` was given
-        experiment = mlflow.set_experiment(
-            experiment_id=mlflow.get_run(parent).info.experiment_id)
+    if parent:  # the experiment `mlflow run` was given, or project_invocation's
+        _model_training(mlflow.set_experiment(
+            experiment_id=mlflow.get_run(parent).info.experiment_id))
     else:
-        name = params.mlflow.experiment
-        if default_store and mlflow.get_experiment_by_name(name) is None:
-            # MLflow would put artifacts in ./mlruns of the working directory, i.e. inside a
-            # temporary experiment copy: name the repository's mlruns/ instead.
-            with contextlib.suppress(MlflowException):  # created meanwhile by another stage
-                mlflow.create_experiment(
-                    name, artifact_location=(project_root() / DEFAULT_ARTIFACTS
-                                             / _slug(name)).as_uri())
-        experiment = mlflow.set_experiment(name)
-    if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+        _project_experiment(params, default_store)
+
+
+DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default", where `mlflow run` goes unless told otherwise
+PROJECTS_RUN_TAG = "mlflow_projects.run_id"
+
+
+@contextlib.contextmanager
+def project_invocation(params: Params) -> Iterator[None]:
+    """Run an MLproject entry point's work in the project's experiment.
+
+    `mlflow run .` without ``--experiment-name`` makes its run in MLflow's Default experiment,
+    which would take every stage's run with it, away from ``mlflow.experiment``. Then this
+    makes a parent run in the project's experiment instead (tagged with the Projects run's id,
+    which gets a note pointing to it), hands it to the stages as their parent (MLFLOW_RUN_ID)
+    and ends it with the entry point's outcome. An experiment chosen with ``--experiment-name``
+    (or $MLFLOW_EXPERIMENT_NAME) is kept, and so is everything outside `mlflow run`."""
+    projects_run_id = os.environ.get("MLFLOW_RUN_ID")
+    if not projects_run_id:
+        yield
+        return
+    default_store = use_default_store()
+    client = mlflow.MlflowClient()
+    projects_run = client.get_run(projects_run_id)
+    if projects_run.info.experiment_id != DEFAULT_EXPERIMENT_ID:
+        yield
+        return
+    experiment = _project_experiment(params, default_store)
+    entry_point = projects_run.data.tags.get("mlflow.project.entryPoint", "main")
+    inherited = {k: v for k, v in projects_run.data.tags.items()
+                 if k.startswith(("mlflow.source.", "mlflow.project.", "mlflow.user"))}
+    parent = client.create_run(
+        experiment.experiment_id, run_name=f"mlflow run {entry_point} {run_label()}",
+        tags={**inherited, PROJECTS_RUN_TAG: projects_run_id})
+    client.log_batch(parent.info.run_id, params=[
+        mlflow.entities.Param(k, v) for k, v in projects_run.data.params.items()])
+    client.set_tag(projects_run_id, "mlflow.note.content",
+                   f"This `mlflow run` logged to experiment {experiment.name!r}: run "
+                   f"{parent.info.run_id}. Pass --experiment-name to choose another.")
+    os.environ["MLFLOW_RUN_ID"] = parent.info.run_id
+    _invocation.clear()
+    log.info("`mlflow run` made its run in the Default experiment; logging to experiment %s "
+             "under run %s instead", experiment.name, parent.info.run_id)
+    status = "FAILED"
+    try:
+        yield
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except SystemExit as exc:
+        status = "FINISHED" if exc.code in (0, None) else "FAILED"
+        raise
+    finally:
+        client.set_terminated(parent.info.run_id, status)
 
 
 def experiment_url(experiment_id: str, run_id: str | None = None,
@@ -268,32 +385,86 @@ def log_dataset(url: str, md5: str, sizes: dict[str, int], context: str) -> None
 
 
 @contextlib.contextmanager
-def _run(**start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
+def _run(reopened_status: str | None = None, **start_kwargs: Any) -> Iterator[mlflow.ActiveRun]:
     """``mlflow.start_run`` whose end status says how it ended: FINISHED, FAILED (an error) or
     KILLED (Ctrl-C or SIGTERM, which the stage scripts turn into KeyboardInterrupt). A new
-    top-level run is nested under the `mlflow run` invocation's run, if there is one."""
+    top-level run is nested under the `mlflow run` invocation's run, if there is one.
+
+    ``reopened_status``: the status of a finished run reopened to add to it (the evaluation of
+    a training): a failure of the addition leaves the run that status, with the failure in
+    the tag ``evaluate.status``, rather than marking a good training KILLED. Models left half
+    logged by a failure are marked FAILED, not left PENDING."""
     parent = invocation_run()
     if parent and "run_id" not in start_kwargs and not start_kwargs.get("nested"):
         start_kwargs["tags"] = {**start_kwargs.get("tags", {}), "mlflow.parentRunId": parent}
     try:
         run = mlflow.start_run(**start_kwargs)
+        _check_artifacts_writable()
     except MlflowException as exc:
         raise _unavailable(exc) from None
+    except TrackingUnavailable:
+        _end_run(reopened_status or "FAILED")
+        raise
+
+    def stop(status: str) -> None:
+        _fail_pending_models(run.info.run_id)
+        if reopened_status:
+            with contextlib.suppress(MlflowException):
+                mlflow.set_tag(EVALUATE_STATUS_TAG, status)
+        _end_run(reopened_status or status)
+
     try:
         yield run
     except KeyboardInterrupt:
-        _end_run("KILLED")
+        stop("KILLED")
         raise
     except TrackingUnavailable:
-        _end_run("FAILED")  # the store is failing: the rerun continues or closes this run
+        stop("FAILED")  # the store is failing: the rerun continues or closes this run
         raise
     except MlflowException as exc:
-        _end_run("FAILED")
+        stop("FAILED")
         raise _unavailable(exc) from None
     except BaseException:
-        _end_run("FAILED")
+        stop("FAILED")
         raise
     _end_run("FINISHED")
+
+
+EVALUATE_STATUS_TAG = "evaluate.status"  # on a training run: how its last evaluation ended
+
+
+def _check_artifacts_writable() -> None:
+    """Fail before anything is logged when the run's local artifact directory cannot be
+    written (read-only, full): otherwise a training fails only after its last epoch, and an
+    evaluation after it has logged test metrics without the model they belong to."""
+    uri = mlflow.get_artifact_uri()
+    if uri.startswith("file:"):
+        directory = Path(urllib.request.url2pathname(uri.removeprefix("file://")))
+    elif uri.startswith("/"):
+        directory = Path(uri)
+    else:
+        return  # a server or object store: its own errors name it
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as exc:
+        raise TrackingUnavailable(
+            f"cannot write MLflow artifacts to {redact_url(uri)}: {exc.strerror or exc}; make "
+            "it writable or free space there, then run the stage again") from None
+
+
+def _fail_pending_models(run_id: str) -> None:
+    """Mark FAILED the logged models of ``run_id`` that an interruption left PENDING (created,
+    never finished uploading): `mlflow ui` then shows them as failed, not in progress."""
+    from mlflow.entities import LoggedModelStatus
+
+    with contextlib.suppress(MlflowException, OSError):
+        client = mlflow.MlflowClient()
+        for model in mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}'",
+                                                 output_format="list"):
+            if model.status == LoggedModelStatus.PENDING:
+                client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
 
 
 def _end_run(status: str) -> None:
@@ -362,14 +533,14 @@ def evaluation_run(params: Params, trained_run_id: str, tags: dict[str, str],
     found = _find_run(trained_run_id)
     stage = tags.pop("dvc.stage", "evaluate")
     if found is None:
-        log.info("training run %s is not in %s (model from DVC's run cache or dvc pull); "
-                 "logging the evaluation to a new run", trained_run_id,
-                 redact_url(mlflow.get_tracking_uri()))
+        log.info("training run %s is not in %s (the model came from DVC's run cache or `dvc "
+                 "pull`, or the store was replaced since); logging the evaluation to a new run",
+                 trained_run_id, redact_url(mlflow.get_tracking_uri()))
         _set_experiment(params)
         start: dict[str, Any] = {"run_name": f"evaluate {run_label()}", "tags": {
             **tags, "dvc.stage": stage, "trained_by.run_id": trained_run_id}}
     else:
-        start = {"run_id": trained_run_id}
+        start = {"run_id": trained_run_id, "reopened_status": found.info.status}
     with _run(**start) as run:
         if found is None:
             mlflow.log_params({f"model.{k}": v for k, v in model_info.items()})
@@ -378,8 +549,11 @@ def evaluation_run(params: Params, trained_run_id: str, tags: dict[str, str],
             # wrote to it.
             seen = found.data.tags.get("dvc.stages", found.data.tags.get("dvc.stage", ""))
             stages = dict.fromkeys(s for s in [*seen.split(","), stage] if s)  # ordered, unique
-            mlflow.set_tags({**tags, "dvc.stages": ",".join(stages)})
+            mlflow.set_tags({**tags, "dvc.stages": ",".join(stages),
+                             EVALUATE_STATUS_TAG: "RUNNING"})
         yield run.info.run_id
+        if found is not None:
+            mlflow.set_tag(EVALUATE_STATUS_TAG, "FINISHED")
 
 
 @contextlib.contextmanager
@@ -567,6 +741,31 @@ def _fmt(value: float | None) -> str:
     return "unknown" if value is None else f"{value:.4f}"
 
 
+@dataclass(frozen=True)
+class Candidate:
+    """A registered version as the gate sees it."""
+    version: str
+    accuracy: float | None  # None: unknown (registered by hand, without an evaluation)
+
+
+def champion_for(candidates: Sequence[Candidate], current: str | None) -> str | None:
+    """Which version should hold ``@champion``: the current champion, unless a version is
+    strictly more accurate (then the earliest of the most accurate); a champion of unknown
+    accuracy (promoted by hand: a person decided) is kept. A pure function of the registry's
+    state, so every evaluator that applies it reaches the same answer, whatever order they
+    ran in."""
+    known = [c for c in candidates if c.accuracy is not None]
+    accuracy = {c.version: c.accuracy for c in candidates}
+    if current is not None and current in accuracy and accuracy[current] is None:
+        return current
+    if not known:
+        return current
+    best = max(c.accuracy for c in known)
+    if current is not None and accuracy.get(current) is not None and accuracy[current] >= best:
+        return current
+    return min((c.version for c in known if c.accuracy == best), key=int)
+
+
 def _version_accuracy(client: mlflow.MlflowClient, version: Any) -> float | None:
     """A version's test accuracy: its tag, else its run's ``test/accuracy`` metric."""
     if ACCURACY_TAG in version.tags:
@@ -579,30 +778,61 @@ def _version_accuracy(client: mlflow.MlflowClient, version: Any) -> float | None
     return None
 
 
+def _champion(client: mlflow.MlflowClient, name: str) -> Any:
+    try:
+        return client.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+PROMOTION_TAG = "promotion"  # on a version: the gate's decision, in words
+SETTLED_BY_TAG = "gate.settled_by"  # on a version killed before its gate: who settled it
+GATE_ROUNDS = 20
+
+
 def register_and_gate(model_uri: str, name: str, accuracy: float) -> Promotion:
-    """Register ``model_uri`` as a new version of ``name`` and move ``@champion`` to it only if
-    its test accuracy beats the champion's (a tie keeps the champion, as does a champion whose
-    accuracy is unknown, e.g. promoted by hand); otherwise it gets ``@challenger``. The decision
-    is tagged on the active run and on the version."""
+    """Register ``model_uri`` as a new version of ``name`` and settle ``@champion``
+    (:func:`champion_for`); a version that is not the champion gets ``@challenger``. The
+    decision is tagged on the active run and on the version.
+
+    Safe when evaluations race (several machines on one tracking server): the registry has no
+    transactions, so each evaluator applies the rule, sets the alias, and reads the registry
+    again until what it reads already satisfies the rule. The last writer has checked after
+    its write, so no better version is left without the alias. A version whose evaluation
+    was killed between registering it and the gate is settled by the next evaluation too (tag
+    ``gate.settled_by``)."""
     client = mlflow.MlflowClient()
     with warnings.catch_warnings():  # MLflow warns that registering may take a while
         warnings.simplefilter("ignore")
         version = mlflow.register_model(model_uri, name,
                                         tags={ACCURACY_TAG: repr(float(accuracy))})
-    try:
-        champion = client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        champion = None
-    champion_accuracy = _version_accuracy(client, champion) if champion else None
-    promote = champion is None or (champion_accuracy is not None
-                                   and accuracy > champion_accuracy)
-    alias = CHAMPION if promote else CHALLENGER
-    client.set_registered_model_alias(name, alias, version.version)
-    decision = Promotion(name, str(version.version), alias, float(accuracy),
-                         str(champion.version) if champion else None, champion_accuracy)
-    client.set_model_version_tag(name, version.version, "promotion", decision.describe())
+    mine = str(version.version)
+    before = _champion(client, name)
+    before_accuracy = _version_accuracy(client, before) if before else None
+    for _ in range(GATE_ROUNDS):
+        versions = client.search_model_versions(f"name = '{name}'")
+        current = _champion(client, name)
+        current_version = str(current.version) if current else None
+        target = champion_for([Candidate(str(v.version), _version_accuracy(client, v))
+                               for v in versions], current_version)
+        if target is None or target == current_version:
+            break
+        client.set_registered_model_alias(name, CHAMPION, target)
+    else:
+        log.warning("the %s registry kept changing while %d evaluations settled @champion; "
+                    "it is version %s now", name, GATE_ROUNDS, target)
+    alias = CHAMPION if target == mine else CHALLENGER
+    if alias == CHALLENGER:
+        client.set_registered_model_alias(name, CHALLENGER, mine)
+    decision = Promotion(name, mine, alias, float(accuracy),
+                         str(before.version) if before else None, before_accuracy)
+    client.set_model_version_tag(name, mine, PROMOTION_TAG, decision.describe())
+    for other in versions:
+        # No decision of its own: killed before its gate (or still in it: a tag of its own key,
+        # so a racing evaluator's decision is never overwritten).
+        if PROMOTION_TAG not in other.tags and str(other.version) != mine:
+            client.set_model_version_tag(name, other.version, SETTLED_BY_TAG, mine)
     mlflow.set_tags({"registry.model": name, "registry.version": decision.version,
                      "registry.alias": alias,
                      "registry.champion_before": decision.champion_version or "none"})
     return decision
-

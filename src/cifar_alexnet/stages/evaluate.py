@@ -19,7 +19,7 @@ from cifar_alexnet.config import Params
 from cifar_alexnet.core.data import load_meta, load_split
 from cifar_alexnet.core.model import FlipTTA
 from cifar_alexnet.core.train import Accel, predict, resolve_device, to_device
-from cifar_alexnet.io import atomic_path, write_json, write_text
+from cifar_alexnet.io import atomic_dir, atomic_path, write_json, write_text
 from cifar_alexnet.plots import (confusion_figure, image_grid_figure, per_class_accuracy_figure,
                                  save)
 
@@ -32,6 +32,11 @@ PER_CLASS_PNG = "per_class_accuracy.png"
 MISCLASSIFIED_PNG = "misclassified.png"
 MISCLASSIFIED_SHOWN = 24
 REPORT_CSV = "classification_report.csv"
+# Everything reports/ holds (the stage replaces the directory whole).
+REPORT_FILES = (REPORT_CSV, "classification_report.json", "classification_report.txt",
+                "confusion_matrix.csv", "confusion_matrix_normalized.csv", "predictions.csv",
+                CONFUSION_PNG, PER_CLASS_PNG, MISCLASSIFIED_PNG, MODEL_URI_FILE)
+TEST = "test"  # metrics/evaluate.json holds {"test": {"accuracy": ..., ...}}, as MLflow test/*
 
 
 @dataclass(frozen=True)
@@ -138,21 +143,25 @@ def evaluate_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_
         logits = predict(evaluated, images, params.evaluate.batch_size,
                          Accel.for_config(params.train, device))
         evaluation = evaluate_logits(logits, labels, meta.class_names)
-        files = write_reports(evaluation, test.labels, meta.class_names, reports_dir,
-                              images=test.images)
-        write_json(metrics_path, evaluation.metrics)
         log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))
-        tracking.log_metrics(evaluation.metrics, prefix="test/")
-        tracking.log_files(files + [metrics_path], "evaluation")
-        model_uri = tracking.log_model(evaluated, test.images[:2], meta.class_names)
-        logged = {"run_id": run_id, "model_uri": model_uri,
-                  "trained_by_run_id": payload["mlflow_run_id"],
-                  "flip_tta": params.evaluate.flip_tta}
-        if params.mlflow.registered_model:
-            promotion = tracking.register_and_gate(model_uri, params.mlflow.registered_model,
-                                                   evaluation.metrics["accuracy"])
-            log.info("%s", promotion.describe())
-            logged["registered"] = {"name": promotion.name, "version": promotion.version,
-                                    "alias": promotion.alias}
-        write_json(reports_dir / MODEL_URI_FILE, logged)
+        # reports/ appears whole or not at all, with the model's URI in it: an evaluation
+        # stopped half-way leaves the previous reports (or none), never a mix.
+        with atomic_dir(reports_dir, replaces=REPORT_FILES) as staged:
+            files = write_reports(evaluation, test.labels, meta.class_names, staged,
+                                  images=test.images)
+            model_uri = tracking.log_model(evaluated, test.images[:2], meta.class_names)
+            tracking.log_metrics(evaluation.metrics, prefix="test/")
+            tracking.log_files(files, "evaluation")
+            tracking.log_dict({TEST: evaluation.metrics}, f"evaluation/{metrics_path.name}")
+            logged = {"run_id": run_id, "model_uri": model_uri,
+                      "trained_by_run_id": payload["mlflow_run_id"],
+                      "flip_tta": params.evaluate.flip_tta}
+            if params.mlflow.registered_model:
+                promotion = tracking.register_and_gate(model_uri, params.mlflow.registered_model,
+                                                       evaluation.metrics["accuracy"])
+                log.info("%s", promotion.describe())
+                logged["registered"] = {"name": promotion.name, "version": promotion.version,
+                                        "alias": promotion.alias}
+            write_json(staged / MODEL_URI_FILE, logged)
+            write_json(metrics_path, {TEST: evaluation.metrics})  # `test.accuracy` in dvc exp show
     return evaluation.metrics

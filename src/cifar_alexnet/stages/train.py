@@ -13,23 +13,24 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Collection
+from typing import Any, Collection, Sequence
 
 import numpy as np
 import torch
-from torchvision.utils import make_grid
+from matplotlib.figure import Figure
 
 from cifar_alexnet import tracking
 from cifar_alexnet.best_params import load_best_params, tuned_params
 from cifar_alexnet.config import Params
+from cifar_alexnet.core.archive import Batch
 from cifar_alexnet.core.data import DatasetMeta, load_meta, load_split
 from cifar_alexnet.core.model import build_model, count_parameters, summary
 from cifar_alexnet.core.train import (HISTORY_FIELDS, TrainResult, fit, load_checkpoint,
                                       resolve_device, save_checkpoint, seed_everything,
                                       to_device)
-from cifar_alexnet.core.transforms import random_crop_flip
+from cifar_alexnet.core.transforms import CROP_PADDING, random_crop_flip
 from cifar_alexnet.io import write_json, write_text
-from cifar_alexnet.plots import history_figure, save as save_figure
+from cifar_alexnet.plots import history_figure, image_grid_figure, save as save_figure
 from cifar_alexnet.sources import module_files
 
 from .artifacts import RUN_FILE, save_trained_model
@@ -46,10 +47,20 @@ def history_csv(history: list[dict[str, float]]) -> str:
     return buffer.getvalue()
 
 
-def augmented_grid(images: np.ndarray, seed: int) -> np.ndarray:
-    """What the network sees in training: an 8-wide grid of augmented images, (H, W, 3) uint8."""
-    batch = random_crop_flip(torch.from_numpy(images), torch.Generator().manual_seed(seed))
-    return make_grid(batch, nrow=8, padding=2).permute(1, 2, 0).numpy()
+AUGMENTED_SHOWN = 32
+
+
+def augmented_samples_figure(images: np.ndarray, labels: np.ndarray,
+                             class_names: Sequence[str], seed: int) -> Figure:
+    """What the network sees in training: the first training images as augmentation presents
+    them (a random crop of the zero-padded image, a random horizontal flip), each captioned
+    with its class."""
+    shown = min(AUGMENTED_SHOWN, len(images))
+    batch = random_crop_flip(torch.from_numpy(images[:shown]), torch.Generator().manual_seed(seed))
+    return image_grid_figure(
+        batch.numpy(), [class_names[i] for i in labels[:shown]],
+        f"Training inputs after augmentation: random crop ({CROP_PADDING}-pixel zero padding) "
+        f"and horizontal flip, seed {seed}", columns=8)
 
 
 def apply_best_params(params: Params, best_params_path: Path | None,
@@ -164,7 +175,7 @@ def train_stage(params: Params, prepared_dir: Path, outputs: TrainOutputs,
                                                  "mlflow_run_id": run_id})
         if resume is not None:  # epochs checkpointed while the store was failing
             tracking.EpochLogger.catch_up(resume["history"])
-        _log_inputs(params, meta, train_split.images, model_summary)
+        _log_inputs(params, meta, train_split, model_summary)
         result = fit(model, to_device(train_split.images, train_split.labels, device),
                      to_device(val_split.images, val_split.labels, device), params.train,
                      params.base.seed, checkpoint_path=outputs.checkpoint,
@@ -184,15 +195,15 @@ def train_stage(params: Params, prepared_dir: Path, outputs: TrainOutputs,
     return metrics
 
 
-def _log_inputs(params: Params, meta: DatasetMeta, train_images: np.ndarray,
-                model_summary: str) -> None:
+def _log_inputs(params: Params, meta: DatasetMeta, train: Batch, model_summary: str) -> None:
     """What the training run starts from: the dataset, the model, what augmentation shows it."""
     tracking.log_dataset(params.data.url, params.data.md5, meta.sizes, "training")
     tracking.log_text(model_summary, "model/summary.txt")
     tracking.log_dict({"class_names": list(meta.class_names), "mean": list(meta.mean),
                        "std": list(meta.std), "sizes": meta.sizes}, "data/dataset_meta.json")
-    tracking.log_image(augmented_grid(train_images[:64], params.base.seed),
-                       "data/augmented_train_samples.png")
+    tracking.log_figure(augmented_samples_figure(train.images, train.labels, meta.class_names,
+                                                 params.base.seed),
+                        "data/augmented_train_samples.png")
 
 
 def _write_results(params: Params, result: TrainResult, parameters: int,

@@ -12,11 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-from cifar_alexnet.cli import parse_params, run_stage, stage_parser
+from cifar_alexnet.cli import TUNING_INTERRUPTED, parse_params, run_stage, stage_parser
+from cifar_alexnet.errors import ConfigError
 from cifar_alexnet.redact import redact_url
-from .objective import run_study
-from .report import summarize, write_trials_csv
-from .study import open_study, progress, storage_url
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,11 +51,26 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     params = parse_params(args)
+    # Imported once the arguments are read: --help answers at once, not after the seconds
+    # Optuna, torch and MLflow take to import.
+    from .objective import run_study
+    from .report import summarize, write_trials_csv
+    from .study import open_study, progress, storage_url
+
     if args.command in ("run", "resume"):
         if args.n_trials is not None and args.n_trials < 1:
             raise SystemExit("cifar-study: --n-trials must be at least 1")
-        study = run_study(params, args.data, out_dir=args.out, n_trials=args.n_trials,
-                          worker_id=args.worker_id, create=args.command == "run")
+        if params.tune.n_trials == 0 and args.out is not None:
+            raise ConfigError(
+                f"tune.n_trials is 0 in {args.params}: tuning is off, so the next `dvc repro` "
+                f"would replace the {args.out}/ this run writes with empty best params. Set "
+                "tune.n_trials to at least 1 (the finished trials the study should hold), or "
+                "pass --no-out to only grow the study")
+        from cifar_alexnet import tracking
+
+        with tracking.project_invocation(params):
+            study = run_study(params, args.data, out_dir=args.out, n_trials=args.n_trials,
+                              worker_id=args.worker_id, create=args.command == "run")
         print(json.dumps(summarize(study, params), indent=2))
         return
     study = open_study(params, create=False)
@@ -78,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def cli() -> None:
-    run_stage(main)
+    run_stage(main, interrupted=TUNING_INTERRUPTED)
 
 
 if __name__ == "__main__":

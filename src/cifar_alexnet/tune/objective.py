@@ -22,7 +22,7 @@ from cifar_alexnet.core.train import (TrainingDiverged, fit, resolve_device, see
 from cifar_alexnet.redact import redact_url
 
 from .report import summarize, write_outputs
-from .study import Progress, open_study, progress, quiet_optuna, recover, reseed, storage_url
+from .study import Progress, open_study, progress, quiet_optuna, recover, storage_url
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,6 @@ def _run_study(params: Params, prepared_dir: Path, out_dir: Path | None, n_trial
                 recover(study, handled)
             if _is_done(progress(study), target, n_trials, ran):
                 break
-            reseed(study, params, worker_id)
             study.optimize(objective, n_trials=1, catch=(TrainingDiverged,))
             ran += 1
         summary = summarize(study, params)

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import optuna
+from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
 from cifar_alexnet import tracking
-from cifar_alexnet.best_params import BEST_PARAMS_FILE, DROPOUT, LR, write_best_params
+from cifar_alexnet.best_params import (BEST_PARAMS_FILE, DROPOUT, LR, load_best_params,
+                                      write_best_params)
 from cifar_alexnet.config import Params
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.io import write_json, write_text
-from cifar_alexnet.plots import save as save_figure
+from cifar_alexnet.plots import integer_x_axis, save as save_figure
 from cifar_alexnet.redact import redact_url
 
 from .study import _retried_numbers, configured_storage, progress
@@ -24,6 +27,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE, STUDY_FILE, TRIALS_FILE, PLOTS_DIR = (
     "summary.json", "study.json", "trials.csv", "plots")
+TUNING_OFF_NOTE = "tuning_off.txt"  # what plots/ holds while tuning is off
 
 
 def summarize(study: optuna.Study, params: Params) -> dict[str, Any]:
@@ -98,22 +102,43 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path,
 
 
 def write_disabled(out_dir: Path) -> None:
-    """tune.n_trials: 0. Empty best params (training uses params.yaml), a summary that says so."""
+    """tune.n_trials: 0. Empty best params (training uses params.yaml), a summary that says so.
+
+    Tuned values already in ``out_dir`` (from an earlier tune stage or a `cifar-study run`) are
+    replaced, as asked, but not silently: the study still holds their trials."""
+    previous = out_dir / BEST_PARAMS_FILE
+    if previous.is_file():
+        with contextlib.suppress(PipelineError):
+            values, info = load_best_params(previous)
+            if values:
+                log.warning(
+                    "tune.n_trials is 0: tuning is off, so the tuned %s (study %s, trial %s) in "
+                    "%s are replaced by none and training uses params.yaml. The study keeps its "
+                    "trials: set tune.n_trials back to at least 1 to train with them again",
+                    ", ".join(f"{k}={v:.6g}" for k, v in values.items()),
+                    info.get("study_name"), info.get("best_trial"), previous)
     write_best_params(out_dir / BEST_PARAMS_FILE, {}, None, None)
     write_summary(out_dir, {"study_name": None, "trials_complete": 0,
                             "note": "tune.n_trials is 0; tuning skipped"})
-    write_text(out_dir / TRIALS_FILE, "")
+    # Not empty files: DVC warns about an empty output ("'tune/plots' is empty").
+    write_text(out_dir / TRIALS_FILE, "number,value,state\n")
     _clear_plots(out_dir / PLOTS_DIR)
+    write_text(out_dir / PLOTS_DIR / TUNING_OFF_NOTE,
+               "No plots: tuning is off (tune.n_trials: 0 in params.yaml).\n")
+
+
+# summary.json, a DVC metric, holds what the study found; the rest of the summary (names,
+# storage, direction, trial and epoch counts) goes to study.json: strings become columns
+# thousands of characters wide in `dvc exp show`, and counters would crowd out the results.
+STUDY_RESULT = ("best_value", "best_trial", "best_margin")
 
 
 def write_summary(out_dir: Path, summary: Mapping[str, Any]) -> None:
-    """summary.json (a DVC metric) gets the numbers; study.json the words (name, storage,
-    metric, direction, notes): strings in a DVC metric become columns thousands of characters
-    wide in `dvc exp show`."""
-    numbers = {k: v for k, v in summary.items() if not isinstance(v, str) and k != "study_name"}
-    words = {k: v for k, v in summary.items() if isinstance(v, str) or k == "study_name"}
-    write_json(out_dir / SUMMARY_FILE, numbers)
-    write_json(out_dir / STUDY_FILE, words)
+    """summary.json (the study's result: best value, trial and lead) and study.json (the
+    rest). The best params themselves are in best_params.yaml."""
+    write_json(out_dir / SUMMARY_FILE, {k: summary.get(k) for k in STUDY_RESULT})
+    write_json(out_dir / STUDY_FILE, {k: v for k, v in summary.items()
+                                      if k not in (*STUDY_RESULT, "best_params")})
 
 
 def write_trials_csv(study: optuna.Study, path: Path) -> None:
@@ -126,21 +151,21 @@ def _clear_plots(plot_dir: Path) -> None:
     """An empty plots/: it persists across runs (dvc.yaml), and a plot that cannot be drawn
     now must not be left from an earlier study."""
     plot_dir.mkdir(parents=True, exist_ok=True)
-    for stale in plot_dir.glob("*.png"):
-        stale.unlink()
+    for stale in [*plot_dir.glob("*.png"), plot_dir / TUNING_OFF_NOTE]:
+        stale.unlink(missing_ok=True)
 
 
-def write_plots(study: optuna.Study, plot_dir: Path) -> list[Path]:
-    """History, importances and an lr x dropout contour as PNG; skipped with a log line when
-    the study is too small for one (importances need 2+ completed trials)."""
+def study_figures(study: optuna.Study) -> dict[str, Figure]:
+    """History (ticks at whole trial numbers), importances and an lr x dropout contour, by file
+    name; a plot the study is too small for is skipped with a log line (importances need 2+
+    completed trials)."""
     from optuna.visualization import matplotlib as optuna_plots
 
-    _clear_plots(plot_dir)
     makers = {"optimization_history.png": lambda: optuna_plots.plot_optimization_history(study),
               "param_importances.png": lambda: optuna_plots.plot_param_importances(study),
               "lr_dropout_contour.png": lambda: optuna_plots.plot_contour(
                   study, params=[LR, DROPOUT])}
-    written = []
+    figures = {}
     for name, make in makers.items():
         try:
             with warnings.catch_warnings():
@@ -151,6 +176,17 @@ def write_plots(study: optuna.Study, plot_dir: Path) -> list[Path]:
             continue
         figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
         figure.set_size_inches(8, 6)
+        if name == "optimization_history.png":
+            integer_x_axis(figure)
+        figures[name] = figure
+    return figures
+
+
+def write_plots(study: optuna.Study, plot_dir: Path) -> list[Path]:
+    """:func:`study_figures` as PNG files in ``plot_dir`` (any earlier ones removed)."""
+    _clear_plots(plot_dir)
+    written = []
+    for name, figure in study_figures(study).items():
         save_figure(figure, plot_dir / name)
         written.append(plot_dir / name)
     return written

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 import warnings
 from dataclasses import dataclass
@@ -33,13 +34,21 @@ from cifar_alexnet.workspace import resolve_sqlite_url
 log = logging.getLogger(__name__)
 
 
-class _OutageWithoutTraceback(logging.Filter):
-    """Optuna logs a failed trial's traceback; for a tracking outage the stage's own one-line
-    error says everything (what failed, that nothing is lost, what to run)."""
+class _TrialFailuresWithoutTraceback(logging.Filter):
+    """Optuna logs a failed trial's traceback and then "failed with value None". For a trial
+    stopped by Ctrl-C, SIGTERM or a tracking outage that is some 60 lines before the stage's own
+    one-line message, which says everything (what stopped, that nothing finished is lost, what
+    to run); the trial is not at fault and runs again. Other failures keep their traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], tracking.TrackingUnavailable):
-            record.exc_info = record.exc_text = None
+        if record.getMessage().endswith("failed with value None."):
+            return False
+        stopped = record.exc_info and record.exc_info[1]
+        if isinstance(stopped, (KeyboardInterrupt, SystemExit, tracking.TrackingUnavailable)):
+            number = re.match(r"Trial (\d+)", record.getMessage())
+            record.msg = (f"trial {number[1] if number else '?'} stopped "
+                          f"({type(stopped).__name__}); it runs again when the study continues")
+            record.args, record.exc_info, record.exc_text = (), None, None
         return True
 
 
@@ -47,17 +56,17 @@ class _OutageWithoutTraceback(logging.Filter):
 def quiet_optuna() -> Iterator[None]:
     """While a study runs: no "experimental" warnings (heartbeats, stale-trial retries and the
     matplotlib plots are documented features that still carry the label; the warnings say
-    nothing actionable), and no traceback for a trial stopped by a tracking outage. Scoped, so
-    importing this module changes nothing for the importer."""
+    nothing actionable), and no traceback for a trial that was stopped rather than failed.
+    Scoped, so importing this module changes nothing for the importer."""
     optimize_log = logging.getLogger("optuna.study._optimize")
-    outage_filter = _OutageWithoutTraceback()
-    optimize_log.addFilter(outage_filter)
+    failure_filter = _TrialFailuresWithoutTraceback()
+    optimize_log.addFilter(failure_filter)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
             yield
     finally:
-        optimize_log.removeFilter(outage_filter)
+        optimize_log.removeFilter(failure_filter)
 
 STORAGE_ENV = "CIFAR_TUNE_STORAGE"
 GRACE_HEARTBEATS = 3  # a RUNNING trial whose heartbeat is this many intervals old is dead
@@ -152,7 +161,7 @@ def make_pruner(params: Params) -> optuna.pruners.BasePruner:
 
 def open_study(params: Params, worker_id: int = 0, create: bool = True) -> optuna.Study:
     """Create or load the study; refuse a study that was made for different settings. Its
-    sampler is seeded for the next trial (:func:`reseed`)."""
+    sampler is seeded for each trial (:class:`SeededPerTrial`)."""
     url, name = storage_url(params), study_name(params)
     storage = make_storage(url, params.tune.heartbeat_seconds)
     fingerprint = study_fingerprint(params)
@@ -178,19 +187,51 @@ def open_study(params: Params, worker_id: int = 0, create: bool = True) -> optun
             f"({', '.join(changed)}); its trials would not be comparable. Set tune.study_name "
             "to a new name (or `auto`), or delete the study with "
             f"`optuna delete-study --study-name {name} --storage <url>`")
-    reseed(study, params, worker_id)
+    study.sampler = SeededPerTrial(params, worker_id)
     return study
 
 
-def reseed(study: optuna.Study, params: Params, worker_id: int = 0) -> None:
-    """Seed the sampler for the study's next trial from (``tune.seed``, the number of trials
-    finished so far, the worker id) alone. The suggestion then depends only on those and the
-    finished trials TPE learns from, so a study that crashed and was resumed suggests what an
-    uninterrupted one would have (a retried trial reruns its own params), and concurrent
-    workers, seeded apart, do not draw the same values."""
-    finished = progress(study).finished
-    seed = (params.tune.seed + finished + 1_000_003 * worker_id) % 2**32  # numpy: 32 bits
-    study.sampler = make_sampler(params, seed)
+class SeededPerTrial(optuna.samplers.BaseSampler):
+    """The configured sampler, seeded afresh for each trial from (``tune.seed``, the trials
+    finished before it, the trials still running that started before it, the worker id) alone.
+
+    A trial's suggestion then depends only on those and the finished trials TPE learns from:
+    a study that crashed and was resumed suggests what an uninterrupted one would have (a
+    retried trial reruns its own params), and concurrent workers draw different values even
+    with the same worker id (`dvc queue start -j 2` runs two tune stages, both worker 0): the
+    later one sees the earlier one's trial running. The seed is taken when the trial exists in
+    the storage (``before_trial``), so two workers never compute it from the same state."""
+
+    def __init__(self, params: Params, worker_id: int = 0) -> None:
+        self._params, self._worker_id = params, worker_id
+        self._sampler = make_sampler(params, params.tune.seed)
+
+    def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
+        retried = _retried_numbers(others)
+        finished = sum(t.state.is_finished() and not (t.state == TrialState.FAIL
+                                                       and t.number in retried) for t in others)
+        running_before = sum(t.state == TrialState.RUNNING and t.number < trial.number
+                             for t in others)
+        seed = (self._params.tune.seed + finished + 1_000_003 * self._worker_id
+                + 7_919 * running_before) % 2**32  # numpy seeds are 32-bit
+        self._sampler = make_sampler(self._params, seed)
+        self._sampler.before_trial(study, trial)
+
+    def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> Any:
+        return self._sampler.infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study: optuna.Study, trial: FrozenTrial,
+                        search_space: Any) -> dict[str, Any]:
+        return self._sampler.sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study: optuna.Study, trial: FrozenTrial, param_name: str,
+                           param_distribution: Any) -> Any:
+        return self._sampler.sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial, state: TrialState,
+                    values: Any) -> None:
+        self._sampler.after_trial(study, trial, state, values)
 
 
 def _retried_numbers(trials: list[FrozenTrial]) -> set[int]:

@@ -1,0 +1,38 @@
+"""The command lines users type: `--help` of every stage script and console script answers
+without importing torch, MLflow or Optuna (seconds each), so help and argument errors are instant."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, subprocess_env
+
+HEAVY = ("torch", "mlflow", "optuna", "dvc", "PIL", "matplotlib", "sklearn", "pandas")
+COMMANDS = {
+    **{f"pipeline/{stage}.py": [f"pipeline/{stage}.py"]
+       for stage in ("download", "prepare", "tune", "train", "evaluate", "experiment")},
+    "cifar-study run": ["-m", "cifar_alexnet.tune.cli", "run"],
+    "cifar-study best": ["-m", "cifar_alexnet.tune.cli", "best"],
+    "cifar-predict": ["-m", "cifar_alexnet.predict"],
+}
+
+
+def imported_modules(importtime_log: str) -> set[str]:
+    """Top-level package names from `python -X importtime` lines ('import time: … | name')."""
+    return {line.rsplit("|", 1)[1].strip().split(".")[0]
+            for line in importtime_log.splitlines() if line.startswith("import time:")}
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_help_imports_no_heavy_library(command):
+    result = subprocess.run([sys.executable, "-X", "importtime", *COMMANDS[command], "--help"],
+                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.startswith("usage:")
+    modules = imported_modules(result.stderr)
+    assert "argparse" in modules  # the log was read
+    assert modules.isdisjoint(HEAVY), sorted(modules & set(HEAVY))

@@ -1,0 +1,100 @@
+"""The tracking store as stages meet it: what a run records about where it came from (the git
+commit, and whether the code differed from it: DVC's own edits to dvc.lock and, in `dvc exp run`,
+params.yaml do not count), and a new SQLite store opened by several stages at once."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow import MlflowClient
+
+from cifar_alexnet.tracking import git_state
+from helpers import subprocess_env
+
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+
+
+@pytest.fixture
+def repo(tmp_path):
+    project = tmp_path / "repo" / "project"  # a DVC project in a subfolder of its git repo
+    project.mkdir(parents=True)
+    for name in ("dvc.lock", "params.yaml", "train.py"):
+        (project / name).write_text("v1\n")
+    subprocess.run(["git", "init", "-q"], cwd=project, check=True)
+    subprocess.run([*GIT, "add", "-A"], cwd=project, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "v1"], cwd=project, check=True)
+    return project
+
+
+def edit(project, name):
+    (project / name).write_text("v2\n")
+
+
+def test_a_clean_tree_and_dvcs_own_lock_file_are_not_dirty(repo, monkeypatch):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    state = git_state(repo)
+    assert len(state["git.commit"]) == 40 and state["git.dirty"] == "false"
+    edit(repo, "dvc.lock")  # DVC rewrites it after every stage of a `dvc repro`
+    assert git_state(repo)["git.dirty"] == "false"
+
+
+@pytest.mark.parametrize("name", ["params.yaml", "train.py"])
+def test_edits_outside_an_experiment_are_dirty(repo, monkeypatch, name):
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    edit(repo, name)
+    assert git_state(repo)["git.dirty"] == "true"
+
+
+def test_in_dvc_exp_run_the_params_dvc_set_are_not_dirty_but_code_edits_are(repo, monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-kite")  # as `dvc exp run` sets it for its stages
+    edit(repo, "params.yaml")
+    edit(repo, "dvc.lock")
+    # ...and the outputs it stages in git's index for the experiment's commit
+    (repo / "dvc.yaml").write_text("stages:\n  tune:\n    cmd: x\n    outs:\n      - tune\n"
+                                   "    metrics:\n      - tune.json:\n          cache: false\n")
+    subprocess.run(["git", "add", "-f", "dvc.yaml"], cwd=repo, check=True)
+    subprocess.run([*GIT, "commit", "-qm", "pipeline"], cwd=repo, check=True)
+    (repo / "tune").mkdir()
+    for name in ("tune/best_params.yaml", "tune.json"):
+        (repo / name).write_text("{}\n")
+    subprocess.run(["git", "add", "tune", "tune.json"], cwd=repo, check=True)
+    assert git_state(repo)["git.dirty"] == "false"
+    edit(repo, "train.py")
+    assert git_state(repo)["git.dirty"] == "true"
+
+
+def test_outside_git_nothing_is_claimed(tmp_path):
+    assert git_state(tmp_path) == {}
+
+
+OPEN_STORE = """
+import os, sys, time
+from pathlib import Path
+from cifar_alexnet import tracking           # mlflow imported before the start line
+go = Path(sys.argv[1])
+while not go.exists():
+    time.sleep(0.01)
+tracking.use_default_store()                 # MLFLOW_TRACKING_URI: a store nobody opened yet
+"""
+
+
+@pytest.mark.slow
+def test_stages_that_open_a_new_sqlite_store_at_once_all_succeed(tmp_path):
+    """`dvc queue start -j 2` or two study workers on a fresh project: MLflow creates and
+    migrates the database on first open; without a lock one of them failed, or both, leaving
+    the file half-migrated."""
+    for attempt in range(3):
+        store, go = tmp_path / f"store{attempt}" / "mlflow.db", tmp_path / f"go{attempt}"
+        env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+        openers = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, str(go)], env=env,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                   for _ in range(3)]
+        time.sleep(8)  # all of them past their imports, waiting for the start line
+        go.touch()
+        for opener in openers:
+            _, err = opener.communicate(timeout=300)
+            assert opener.returncode == 0, err[-2000:]
+        assert MlflowClient(f"sqlite:///{store}").search_experiments()  # usable afterwards
