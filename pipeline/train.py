@@ -1,8 +1,13 @@
 """Stage train: fit the AlexNet on the train split, keep the best-validation model, log to MLflow."""
 
+import os
+import sys
 from pathlib import Path
 
-from cifar_alexnet.cli import overridden_keys, parse_params, run_stage, stage_parser
+from cifar_alexnet.cli import (RESUME_HINT, overridden_keys, parse_params, run_stage,
+                              stage_parser)
+
+LAUNCHED_HERE = "CIFAR_TRAIN_LAUNCHED"  # set for the ranks this script launches
 
 
 def main() -> None:
@@ -21,6 +26,12 @@ def main() -> None:
     params = parse_params(args)
     # Imported once the arguments are read: --help and a bad param answer at once, not after
     # the seconds torch and MLflow take to import.
+    from cifar_alexnet.core.distributed import launch, launched_world
+
+    if params.train.nproc > 1 and launched_world().size == 1:
+        # train.nproc copies of this script, started by torchrun's launcher, train together.
+        launch(params.train.nproc, __file__, sys.argv[1:], env={LAUNCHED_HERE: "1"})
+        return
     from cifar_alexnet.stages.train import TrainOutputs, train_stage
 
     outputs = TrainOutputs(args.out, args.metrics, args.history, args.curves, args.checkpoint)
@@ -29,4 +40,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    # The ranks a launch() started leave the interruption message to the launcher (one line).
+    run_stage(main, interrupted="" if os.environ.get(LAUNCHED_HERE) else RESUME_HINT)

@@ -6,6 +6,8 @@ import itertools
 import os
 import shutil
 import subprocess
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -15,7 +17,8 @@ from cifar_alexnet.config import params_from_dict
 from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.stages.prepare import prepare
 from cifar_alexnet.tools.synthetic import write_synthetic_archive
-from helpers import Archive, free_port, tiny_params
+from helpers import (Archive, S3Server, free_port, stop_process_group, subprocess_env,
+                     tiny_params, wait_for_http)
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -93,3 +96,61 @@ def postgres_database(postgres: str) -> str:
     with psycopg.connect(libpq, autocommit=True) as connection:
         connection.execute(f"CREATE DATABASE {database}")
     return server.set(database=database).render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """moto's S3-compatible server on 127.0.0.1 for the whole session (in memory; ready in
+    about 2 s). MinIO has no installable server here; the clients are the real ones."""
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "moto_server"), "-H",
+                               "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/moto-api/", server, 60, "moto_server")
+        yield S3Server(f"http://127.0.0.1:{port}")
+    finally:
+        stop_process_group(server)
+
+
+@dataclass(frozen=True)
+class TeamServer:
+    """A shared `mlflow server`: PostgreSQL for runs and the registry, S3 for artifacts, which
+    it proxies (clients need no cloud credentials)."""
+    uri: str
+    s3: S3Server
+    bucket: str
+    prefix: str
+
+
+@pytest.fixture(scope="session")
+def team_server(postgres: str, s3_server: S3Server,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamServer]:
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    server_url = make_url(postgres)
+    database = f"team_{os.getpid()}"
+    libpq = server_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(libpq, autocommit=True) as connection:
+        connection.execute(f"CREATE DATABASE {database}")
+    store = server_url.set(database=database).render_as_string(hide_password=False)
+    bucket, prefix = "mlflow-artifacts", "team"
+    s3_server.client().create_bucket(Bucket=bucket)
+    port = free_port()
+    # The server alone holds the S3 credentials; job execution off: MLflow 3.17 otherwise
+    # starts 7 job workers and takes over a minute to answer.
+    env = subprocess_env(MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint,
+                         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+                         **s3_server.credentials_env())
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
+         "--artifacts-destination", f"s3://{bucket}/{prefix}", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        cwd=tmp_path_factory.mktemp("team-server"), env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/health", server, 180, "mlflow server")
+        yield TeamServer(f"http://127.0.0.1:{port}", s3_server, bucket, prefix)
+    finally:
+        stop_process_group(server)

@@ -156,3 +156,39 @@ class MlflowServer:
     def __exit__(self, *exc_info: object) -> None:
         if self.process is not None and self.process.poll() is None:
             self.kill(signal.SIGTERM)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """An S3-compatible server on 127.0.0.1 (moto) and the test credentials it accepts."""
+    endpoint: str
+    access_key: str = "team-test-key"
+    secret_key: str = "team-test-secret"
+
+    def client(self) -> Any:
+        """A boto3 client with the credentials passed in, not taken from the environment."""
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1",
+                            aws_access_key_id=self.access_key,
+                            aws_secret_access_key=self.secret_key)
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket,
+                                                                        Prefix=prefix)
+        return [o["Key"] for page in pages for o in page.get("Contents", [])]
+
+    def credentials_env(self) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM a server started with start_new_session=True, and its children."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=30)

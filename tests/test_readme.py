@@ -77,6 +77,10 @@ def test_the_synthetic_data_example_runs_as_written_then_the_short_view_compares
     assert json.loads((project / "metrics/evaluate.json").read_text())["test"]["accuracy"] > 0.2
     assert dvc_warnings(result) == []  # no "is empty", no other noise on the quick start
 
+    # The default view lists the test metrics before every other metric.
+    plain = dvc("exp", "show", "--csv", cwd=project).stdout.splitlines()[0].split(",")
+    assert plain[plain.index("Created") + 2] == "test.accuracy", plain[:10]
+
     # A second experiment, then the README's short view of both.
     second = dvc("exp", "run", "-S", "train.epochs=2", cwd=project)
     assert second.returncode == 0 and dvc_warnings(second) == [], second.stdout + second.stderr

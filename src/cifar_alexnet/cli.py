@@ -55,5 +55,6 @@ def run_stage(main: Callable[[], None], interrupted: str = RESUME_HINT) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
+        if interrupted:
+            print(interrupted, file=sys.stderr)
         sys.exit(130)

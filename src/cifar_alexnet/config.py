@@ -99,6 +99,8 @@ class TrainConfig:
     # How often a resumable training (the train stage) writes its checkpoint, at most: each
     # write of the default model costs about a second per GB; 0 = after every epoch.
     checkpoint_seconds: float = _range(0.0)
+    # Training processes on this machine (one per GPU): >1 starts them with torchrun's launcher.
+    nproc: int = _range(1, 1024)
 
 
 @dataclass(frozen=True)

@@ -785,6 +785,21 @@ def _champion(client: mlflow.MlflowClient, name: str) -> Any:
         return None
 
 
+def _registry_write(call: Callable[..., Any], *args: Any) -> Any:
+    """A registry write that may race another evaluator's: MLflow's server inserts an alias or
+    tag that does not exist yet, and of two inserting at once one fails on the key (seen on
+    PostgreSQL). The retry finds the row and updates it."""
+    for attempt in range(5):
+        try:
+            return call(*args)
+        except MlflowException as exc:
+            conflict = re.search(r"duplicate key|UniqueViolation|UNIQUE constraint", str(exc))
+            if not conflict or attempt == 4:
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 PROMOTION_TAG = "promotion"  # on a version: the gate's decision, in words
 SETTLED_BY_TAG = "gate.settled_by"  # on a version killed before its gate: who settled it
 GATE_ROUNDS = 20
@@ -817,21 +832,22 @@ def register_and_gate(model_uri: str, name: str, accuracy: float) -> Promotion:
                                for v in versions], current_version)
         if target is None or target == current_version:
             break
-        client.set_registered_model_alias(name, CHAMPION, target)
+        _registry_write(client.set_registered_model_alias, name, CHAMPION, target)
     else:
         log.warning("the %s registry kept changing while %d evaluations settled @champion; "
                     "it is version %s now", name, GATE_ROUNDS, target)
     alias = CHAMPION if target == mine else CHALLENGER
     if alias == CHALLENGER:
-        client.set_registered_model_alias(name, CHALLENGER, mine)
+        _registry_write(client.set_registered_model_alias, name, CHALLENGER, mine)
     decision = Promotion(name, mine, alias, float(accuracy),
                          str(before.version) if before else None, before_accuracy)
-    client.set_model_version_tag(name, mine, PROMOTION_TAG, decision.describe())
+    _registry_write(client.set_model_version_tag, name, mine, PROMOTION_TAG, decision.describe())
     for other in versions:
         # No decision of its own: killed before its gate (or still in it: a tag of its own key,
         # so a racing evaluator's decision is never overwritten).
         if PROMOTION_TAG not in other.tags and str(other.version) != mine:
-            client.set_model_version_tag(name, other.version, SETTLED_BY_TAG, mine)
+            _registry_write(client.set_model_version_tag, name, other.version, SETTLED_BY_TAG,
+                            mine)
     mlflow.set_tags({"registry.model": name, "registry.version": decision.version,
                      "registry.alias": alias,
                      "registry.champion_before": decision.champion_version or "none"})

@@ -22,11 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cifar_alexnet.config import TrainConfig
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.io import atomic_path
+from cifar_alexnet.core.distributed import (World, all_sum, current_world, from_main,
+                                            sync_buffers, training_device)
 from cifar_alexnet.core.model import FlipTTA
 from cifar_alexnet.core.transforms import random_crop_flip
 
@@ -51,12 +54,7 @@ class EpochCallback(Protocol):
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA when present; asking for ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("train.device is 'cuda' but no CUDA GPU is visible; "
-                            "use train.device=auto or cpu")
-    return torch.device(name)
+    return training_device(name, World())
 
 
 def seed_everything(seed: int, device: torch.device) -> None:
@@ -215,6 +213,11 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
     state, the best weights so far, the history and ``checkpoint_extra`` (e.g. the params).
     Passing such a checkpoint as ``resume`` continues after its epoch exactly as if the run had
     not stopped (bit-identical on CPU). Every callback gets each new epoch's row.
+
+    In a process group (torchrun, :mod:`.distributed`), every rank calls ``fit`` with the same
+    data and config: ``cfg.batch_size`` is the global batch, each rank trains on its shard
+    (DistributedDataParallel; SyncBatchNorm on CUDA), and only rank 0 runs the callbacks and
+    writes the checkpoint; when a callback of rank 0 stops training, every rank stops.
     """
     device = train[0].device
     with kernel_settings(device, cfg.cudnn_benchmark):
@@ -232,13 +235,22 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
     device = train_images.device
     accel = Accel.for_config(cfg, device)
     model = accel.prepare_model(model)
+    world = current_world()
+    trained: nn.Module = model
+    if world.size > 1:
+        if device.type == "cuda":  # batch statistics of the global batch, as one process has
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # in place: same root module
+        # (PyTorch's SyncBatchNorm needs a GPU: on the CPU each rank normalises by its shard,
+        # and DDP gives every rank rank 0's running statistics.)
+        trained = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda"
+                                          else None)
     # Only the training step is compiled, for its one batch shape (dynamic=False: the last,
     # shorter batch of an epoch gets a graph of its own, compiled once, instead of turning every
     # dimension dynamic). Validation runs the plain module: its batch sizes and eval mode would
     # otherwise compile graphs of their own. The compiled module shares parameters with `model`;
     # state dicts come from `model` so checkpoints load into an uncompiled network.
-    step_model = torch.compile(model, dynamic=False) if cfg.compile else model
-    callbacks = list(callbacks)
+    step_model = torch.compile(trained, dynamic=False) if cfg.compile else trained
+    callbacks = list(callbacks) if world.main else []
     n = len(train_labels)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     optimizer = make_optimizer(model, cfg, device)
@@ -276,21 +288,33 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         correct = torch.zeros((), device=device, dtype=torch.long)
         order = torch.randperm(n, generator=order_gen).to(device)
         for start in tqdm(range(0, n, cfg.batch_size), desc=f"epoch {epoch}/{cfg.epochs}",
-                          unit="batch", leave=False, disable=None):
-            idx = order[start:start + cfg.batch_size]
-            images = accel.layout(random_crop_flip(train_images[idx], augment_gen))
+                          unit="batch", leave=False, disable=None if world.main else True):
+            idx = order[start:start + cfg.batch_size]  # the global batch
+            # Every rank augments the whole global batch with the same generator, then takes
+            # its shard: each image is seen exactly as one process would see it.
+            images = random_crop_flip(train_images[idx], augment_gen)
             labels = train_labels[idx]
+            if world.size > 1:
+                shard = world.shard(len(idx))
+                images, labels = images[shard], labels[shard]
             with accel.autocast():
-                logits = step_model(images)
-                loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                logits = step_model(accel.layout(images))
+                if world.size == 1:
+                    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing)
+                else:  # DDP averages gradients over ranks: this makes it the global batch's mean
+                    loss = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing,
+                                           reduction="sum") * world.size / len(idx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             scheduler.step()
             # Accumulate on the device: no host sync inside the batch loop.
-            loss_sum += loss.detach() * len(idx)
+            loss_sum += loss.detach() * len(idx) / world.size
             correct += (logits.argmax(1) == labels).sum()
 
+        all_sum(loss_sum)
+        all_sum(correct)
+        sync_buffers(model)
         train_loss = loss_sum.item() / n
         if not math.isfinite(train_loss):
             raise TrainingDiverged(
@@ -311,11 +335,13 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         # Callbacks first: if the process dies between the two, a resume repeats this epoch
         # (same numbers, logged twice) rather than losing its metrics.
         stop: StopAfterCheckpoint | None = None
-        for callback in callbacks:
+        for callback in callbacks:  # rank 0's only
             try:
                 callback.on_epoch_end(row)
             except StopAfterCheckpoint as exc:
                 stop = stop or exc
+        if from_main(stop is not None, device) and stop is None:  # rank 0 stops: all ranks do
+            stop = StopAfterCheckpoint("stopped with rank 0")
         # By time, not every epoch: on a GPU an epoch can take a second and the checkpoint of
         # the default model (weights, AdamW state, best weights) several. Always after the
         # last epoch (what follows, writing the model and logging it, may still fail) and
@@ -323,14 +349,16 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         finished = epoch == cfg.epochs and stop is None
         due = (stop is not None or finished
                or time.monotonic() - last_checkpoint >= cfg.checkpoint_seconds)
-        if checkpoint_path is not None and finished:
+        if checkpoint_path is None or not world.main:  # rank 0 writes the one checkpoint
+            pass
+        elif finished:
             # What is left to do needs only the best weights: no optimizer state, no current
             # weights beside them (a third of the full checkpoint for AdamW).
             save_checkpoint(checkpoint_path, {
                 "epoch": epoch, "finished": True, "model_state": best.best_state,
                 "best_val_acc": best.best_val_acc, "best_epoch": best.best_epoch,
                 "history": best.history, **(checkpoint_extra or {})})
-        elif checkpoint_path is not None and due:
+        elif due:
             save_checkpoint(checkpoint_path, {
                 "epoch": epoch,
                 "model_state": model.state_dict(),

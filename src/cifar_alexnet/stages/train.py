@@ -25,9 +25,10 @@ from cifar_alexnet.config import Params
 from cifar_alexnet.core.archive import Batch
 from cifar_alexnet.core.data import DatasetMeta, load_meta, load_split
 from cifar_alexnet.core.model import build_model, count_parameters, summary
+from cifar_alexnet.core.distributed import (World, current_world, process_group,
+                                            share_from_main, training_device)
 from cifar_alexnet.core.train import (HISTORY_FIELDS, TrainResult, fit, load_checkpoint,
-                                      resolve_device, save_checkpoint, seed_everything,
-                                      to_device)
+                                      save_checkpoint, seed_everything, to_device)
 from cifar_alexnet.core.transforms import CROP_PADDING, random_crop_flip
 from cifar_alexnet.io import write_json, write_text
 from cifar_alexnet.plots import history_figure, image_grid_figure, save as save_figure
@@ -87,7 +88,7 @@ TRAINING_CORE = ("core.train", "core.model", "core.data")
 
 
 # How often the checkpoint is written: a checkpoint written more or less often is as resumable.
-NOT_WHAT_TRAINING_COMPUTES = frozenset({"checkpoint_seconds"})
+NOT_WHAT_TRAINING_COMPUTES = frozenset({"checkpoint_seconds", "nproc"})
 
 
 def training_fingerprint(params: Params) -> str:
@@ -107,7 +108,14 @@ def training_fingerprint(params: Params) -> str:
 
 
 def resumable_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint at ``path`` if it belongs to this training, else None (fresh start)."""
+    """The checkpoint at ``path`` if it belongs to this training, else None (fresh start).
+    Read by rank 0 alone and handed to the other ranks (:func:`share_from_main`)."""
+    if not current_world().main:
+        return share_from_main(None)
+    return share_from_main(_own_checkpoint(path, fingerprint))
+
+
+def _own_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] | None:
     if path is None or not path.is_file():
         return None
     try:
@@ -147,11 +155,21 @@ def train_stage(params: Params, prepared_dir: Path, outputs: TrainOutputs,
     With ``outputs.checkpoint``, the training is checkpointed there (every
     ``train.checkpoint_seconds``, and after its last epoch) and an interrupted training of the
     same params and code resumes from it (and continues its MLflow run).
+
+    Under torchrun every rank runs this: all of them train (:func:`fit`), rank 0 alone writes
+    the outputs, the checkpoint and the one MLflow run (tagged with the world size).
     """
+    with process_group(params.train.device) as world:
+        return _train_stage(params, prepared_dir, outputs, best_params_path, keep, world)
+
+
+def _train_stage(params: Params, prepared_dir: Path, outputs: TrainOutputs,
+                 best_params_path: Path | None, keep: Collection[str],
+                 world: World) -> dict[str, Any]:
     params, tune_tags = apply_best_params(params, best_params_path, keep)
     meta = load_meta(prepared_dir)
     train_split, val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
-    device = resolve_device(params.train.device)
+    device = training_device(params.train.device, world)
     seed_everything(params.base.seed, device)
     model = build_model(params.model, meta.mean, meta.std)
     model_summary = summary(model)
@@ -162,8 +180,15 @@ def train_stage(params: Params, prepared_dir: Path, outputs: TrainOutputs,
     checkpoint = resumable_checkpoint(outputs.checkpoint, fingerprint)
     # An epoch-0 checkpoint only names the run of a training killed in its first epoch.
     resume = checkpoint if checkpoint and checkpoint["epoch"] > 0 else None
+    data = (to_device(train_split.images, train_split.labels, device),
+            to_device(val_split.images, val_split.labels, device))
+    if not world.main:  # trains its shards; rank 0 writes everything
+        fit(model, *data, params.train, params.base.seed,
+            eval_batch_size=params.evaluate.batch_size, resume=resume)
+        return {}
 
-    tags = {**tracking.lineage_tags("train", params.data.md5), **tune_tags}
+    tags = {**tracking.lineage_tags("train", params.data.md5), **tune_tags,
+            "world_size": str(world.size)}
     if outputs.checkpoint is not None:
         tags[tracking.CHECKPOINT_TAG] = str(outputs.checkpoint.resolve())
     if resume is not None:
@@ -176,9 +201,8 @@ def train_stage(params: Params, prepared_dir: Path, outputs: TrainOutputs,
         if resume is not None:  # epochs checkpointed while the store was failing
             tracking.EpochLogger.catch_up(resume["history"])
         _log_inputs(params, meta, train_split, model_summary)
-        result = fit(model, to_device(train_split.images, train_split.labels, device),
-                     to_device(val_split.images, val_split.labels, device), params.train,
-                     params.base.seed, checkpoint_path=outputs.checkpoint,
+        result = fit(model, *data, params.train, params.base.seed,
+                     checkpoint_path=outputs.checkpoint,
                      checkpoint_extra={"params": params.to_public_dict(),
                                        "mlflow_run_id": run_id, "fingerprint": fingerprint},
                      callbacks=[tracking.EpochLogger()], eval_batch_size=params.evaluate.batch_size,

@@ -76,7 +76,7 @@ STORAGE_ATTEMPTS = 4
 # Settings that change how fast a trial runs, not what it computes; workers on different
 # hardware (CPU, GPU) can share one study. (Trials write no checkpoints.)
 _HARDWARE_KEYS = {"device", "precision", "channels_last", "cudnn_benchmark", "fused_optimizer",
-                  "compile", "checkpoint_seconds"}
+                  "compile", "checkpoint_seconds", "nproc"}
 # Settings of the tune section that do not change what a trial is.
 _RUN_KEYS = {"n_trials", "storage", "study_name", "heartbeat_seconds"}
 

@@ -1,0 +1,57 @@
+"""How long the test suite takes, module by module: runs `pytest` (or the arguments given) once
+and prints one table, slowest module first, with the wall time of the whole run.
+
+    python bench/suite_time.py                 # the README's `pytest`
+    python bench/suite_time.py -m "not slow"   # any pytest arguments
+
+Seconds per module are setup + call + teardown of its tests (session fixtures count where they
+are first used), from pytest's JUnit XML. A measurement, not a test: nothing fails on time.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ElementTree
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def module_times(junit: Path) -> dict[str, tuple[int, float]]:
+    """{module file: (tests, seconds)} from a JUnit XML report."""
+    totals: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for case in ElementTree.parse(junit).getroot().iter("testcase"):
+        module = case.get("classname", "").split(".")[-1] or case.get("file", "?")
+        totals[module][0] += 1
+        totals[module][1] += float(case.get("time", 0))
+    return {m: (int(n), s) for m, (n, s) in totals.items()}
+
+
+def table(times: dict[str, tuple[int, float]], wall: float) -> str:
+    total = sum(s for _, s in times.values())
+    lines = ["| module | tests | seconds | share |", "|---|---:|---:|---:|"]
+    for module, (tests, seconds) in sorted(times.items(), key=lambda kv: -kv[1][1]):
+        lines.append(f"| {module} | {tests} | {seconds:.0f} | {seconds / total:.0%} |")
+    lines.append(f"| **all** | {sum(n for n, _ in times.values())} | {total:.0f} | |")
+    lines.append("")
+    lines.append(f"wall time of the run (collection included): {wall:.0f} s = {wall / 60:.1f} min")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        junit = Path(tmp) / "junit.xml"
+        started = time.perf_counter()
+        status = subprocess.call([sys.executable, "-m", "pytest", "-q", f"--junitxml={junit}",
+                                  "-o", "junit_duration_report=total", *sys.argv[1:]], cwd=ROOT)
+        wall = time.perf_counter() - started
+        print(table(module_times(junit), wall))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
