@@ -1,30 +1,38 @@
-"""What a stage depends on is written down once and kept in step: dvc.yaml's code deps are the
-package files each stage script imports, and the fingerprints that guard resumable checkpoints
-and shared studies change with exactly the params dvc.yaml gives those stages."""
+"""What a stage depends on is written down once: dvc.yaml's code deps are the package files each
+stage script imports and its params the fields config.py marks with what the stage reads (one
+command writes both), and the fingerprints that guard resumable checkpoints and shared studies
+change with exactly the fields marked as changing what training or a trial computes."""
 
 from __future__ import annotations
+
+import dataclasses
+import typing
 
 import pytest
 import yaml
 
-from cifar_alexnet.config import params_from_dict
+from cifar_alexnet import sources
+from cifar_alexnet.config import (DATA, TRAINING, TRIAL, Params, params_from_dict,
+                                  stage_params)
 from cifar_alexnet.sources import module_files
-from cifar_alexnet.stages.train import (NOT_WHAT_TRAINING_COMPUTES, TRAINING_CORE,
-                                       training_fingerprint)
+from cifar_alexnet.stages.train import TRAINING_CORE, training_fingerprint
 from cifar_alexnet.tune.study import study_fingerprint
 from helpers import ROOT, default_params
 
 STAGES = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
-@pytest.mark.parametrize("stage", list(STAGES))
-def test_a_stages_code_deps_are_exactly_the_files_its_script_imports(stage):
-    script = ROOT / "pipeline" / f"{stage}.py"
-    expected = {f"pipeline/{stage}.py"} | {
-        str(p.relative_to(ROOT)) for p in module_files(script)}
-    listed = {d for d in STAGES[stage]["deps"] if d.startswith(("pipeline/", "src/"))}
-    assert listed == expected, (f"dvc.yaml {stage}: missing {sorted(expected - listed)}, "
-                                f"not imported {sorted(listed - expected)}")
+def test_dvc_yaml_holds_the_derived_deps_and_params_and_the_command_rewrites_them(tmp_path):
+    assert sources.main(["--check", str(ROOT / "dvc.yaml")]) == 0
+    # an out-of-date copy (a dep dropped, a param added by hand) is rewritten to the derived one
+    stale = tmp_path / "dvc.yaml"
+    stale.write_text((ROOT / "dvc.yaml").read_text()
+                     .replace("      - src/cifar_alexnet/core/model.py\n", "", 1)
+                     .replace("      - base.seed\n", "      - base.seed\n      - tune.seed\n", 1))
+    (tmp_path / "pipeline").symlink_to(ROOT / "pipeline")
+    assert sources.main(["--check", str(stale)]) == 1
+    assert sources.main([str(stale)]) == 0
+    assert stale.read_text() == (ROOT / "dvc.yaml").read_text()
 
 
 def _package_paths(files) -> set[str]:
@@ -73,16 +81,6 @@ def _variants(section: str, key: str, value):
     return choices.get(key, f"{value}-other")
 
 
-def _params_of(stage: str) -> list[tuple[str, str]]:
-    """dvc.yaml's params for ``stage``, sections expanded to their keys."""
-    raw = default_params()
-    keys = []
-    for entry in STAGES[stage]["params"]:
-        section, _, key = entry.partition(".")
-        keys += [(section, key)] if key else [(section, k) for k in raw[section]]
-    return keys
-
-
 def _changed(section: str, key: str) -> dict:
     raw = default_params()
     raw[section][key] = _variants(section, key, raw[section][key])
@@ -93,15 +91,23 @@ def _changed(section: str, key: str) -> dict:
     return raw
 
 
-def test_the_training_fingerprint_changes_with_every_train_stage_param_and_no_other():
+def _every_param() -> list[tuple[str, str]]:
+    return [(section, key) for section, values in default_params().items() for key in values]
+
+
+def _marks(section: str, key: str) -> frozenset:
+    return {f.name: f.metadata["affects"] for f in
+            dataclasses.fields(typing.get_type_hints(Params)[section])}[key]
+
+
+def test_the_training_fingerprint_changes_with_what_training_computes_and_nothing_else():
     base = training_fingerprint(params_from_dict(default_params()))
-    for section, key in _params_of("train"):
-        if section == "train" and key in NOT_WHAT_TRAINING_COMPUTES:  # how often it is saved
-            continue
-        changed = training_fingerprint(params_from_dict(_changed(section, key)))
-        assert changed != base, f"{section}.{key} is a train param but not in the fingerprint"
-    for section, key in [("tune", "n_trials"), ("evaluate", "flip_tta"), ("data", "url"),
-                         ("mlflow", "registered_model"), ("train", "checkpoint_seconds")]:
+    for section, key in _every_param():
+        changed = training_fingerprint(params_from_dict(_changed(section, key))) != base
+        assert changed == bool(_marks(section, key) & {DATA, TRAINING}), f"{section}.{key}"
+    # what users change without wanting a checkpoint thrown away
+    for section, key in [("mlflow", "experiment"), ("train", "device"), ("train", "nproc"),
+                         ("train", "checkpoint_seconds"), ("evaluate", "batch_size")]:
         assert training_fingerprint(params_from_dict(_changed(section, key))) == base, key
 
 
@@ -113,21 +119,19 @@ def test_the_training_fingerprint_hashes_the_training_core_code_only():
     assert not outside_the_core and not hashed & {"tracking.py", "plots.py"}, hashed
 
 
-# Settings that change how fast a trial runs (workers on other hardware share a study) or how
-# many trials run, not what a trial computes: in the tune stage's params, not in the study's
-# identity.
-NOT_A_TRIALS_IDENTITY = {("train", k) for k in ("device", "precision", "channels_last",
-                                                 "cudnn_benchmark", "fused_optimizer",
-                                                 "compile")} | {
-    ("tune", k) for k in ("n_trials", "storage", "study_name", "heartbeat_seconds")} | {
-    ("model", "dropout"), ("evaluate", "batch_size"), ("mlflow", "experiment")}
-
-
-def test_the_study_fingerprint_changes_with_every_tune_stage_param_that_defines_a_trial():
+def test_the_study_fingerprint_changes_with_what_a_trial_computes_and_nothing_else():
     base = study_fingerprint(params_from_dict(default_params()))
-    for section, key in _params_of("tune"):
-        changed = study_fingerprint(params_from_dict(_changed(section, key)))
-        if (section, key) in NOT_A_TRIALS_IDENTITY:
-            assert changed == base, f"{section}.{key} should not split the study"
-        else:
-            assert changed != base, f"{section}.{key} changes trials but not the study"
+    for section, key in _every_param():
+        changed = study_fingerprint(params_from_dict(_changed(section, key))) != base
+        assert changed == bool(_marks(section, key) & {DATA, TRIAL}), f"{section}.{key}"
+    # workers on other hardware, and studies of other sizes, share a study
+    for section, key in [("train", "device"), ("train", "precision"), ("tune", "n_trials"),
+                         ("tune", "storage"), ("model", "dropout"), ("train", "lr")]:
+        assert study_fingerprint(params_from_dict(_changed(section, key))) == base, key
+
+
+def test_every_param_is_marked_and_read_by_a_stage():
+    read = {p for stage in STAGES for p in stage_params(stage)}
+    for section, key in _every_param():
+        assert _marks(section, key), f"{section}.{key} says nothing of what it affects"
+        assert f"{section}.{key}" in read, f"{section}.{key} is read by no stage"

@@ -31,34 +31,62 @@ PRUNERS = ("median", "hyperband", "none")
 DATA_URL_ENV, DATA_USER_ENV, DATA_PASSWORD_ENV = (
     "CIFAR_DATA_URL", "CIFAR_DATA_USER", "CIFAR_DATA_PASSWORD")
 TUNE_METRICS = {"val_acc": "maximize", "val_loss": "minimize"}  # metric -> its direction
-
-
-def _choice(*allowed: str) -> Any:
-    return field(metadata={"choices": allowed})
-
-
-def _range(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> Any:
-    return field(metadata={"range": (low, high, low_open, high_open)})
-
-
-def _pattern(regex: str, meaning: str) -> Any:
-    return field(metadata={"pattern": (regex, meaning)})
-
-
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+# What a param affects, marked once on its field. The stages' params in dvc.yaml
+# (`python -m cifar_alexnet.sources` writes them), the training fingerprint (may a checkpoint
+# resume?) and the study fingerprint (may two trials be compared?) are derived from the marks.
+SOURCE = "source"          # which archive is fetched
+DATA = "data"              # the prepared splits
+TRIAL = "trial"            # what a tuning trial computes
+TUNING = "tuning"          # how the study runs: its size, storage, name, liveness checks
+TRAINING = "training"      # what the train stage computes
+TRAIN_RUN = "train run"    # how the train stage runs (checkpoints, processes), not what it computes
+SPEED = "speed"            # how fast tuning, training and evaluation run, not what they compute
+EVALUATION = "evaluation"  # what the evaluate stage computes and writes (and registers)
+REPORTING = "reporting"    # where the stages report: MLflow's experiment
+# The marks each stage's params cover: a param is in a stage's dvc.yaml params when it is marked
+# with one of them.
+STAGE_READS = {
+    "download": {SOURCE},
+    "prepare": {DATA},
+    "tune": {DATA, TRIAL, TUNING, SPEED, REPORTING},
+    "train": {DATA, TRAINING, TRAIN_RUN, SPEED, REPORTING},
+    "evaluate": {EVALUATION, SPEED, REPORTING},
+}
+
+
+def _param(*affects: str, **check: Any) -> Any:
+    """A config field marked with what it affects, and how its value is checked (``choices``,
+    ``range`` or ``pattern``)."""
+    return field(metadata={"affects": frozenset(affects), **check})
+
+
+def _choice(*affects: str, allowed: Sequence[str]) -> Any:
+    return _param(*affects, choices=tuple(allowed))
+
+
+def _range(*affects: str, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False) -> Any:
+    return _param(*affects, range=(low, high, low_open, high_open))
+
+
+def _pattern(*affects: str, regex: str, meaning: str) -> Any:
+    return _param(*affects, pattern=(regex, meaning))
 
 
 @dataclass(frozen=True)
 class BaseConfig:
-    seed: int = _range(0, MAX_SEED)
+    seed: int = _range(DATA, TRIAL, TRAINING, low=0, high=MAX_SEED)
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    url: str = _pattern(r".+", "a URL (https://, file://) or a local path")
-    md5: str = _pattern(r"[0-9a-fA-F]{32}", "32 hexadecimal digits")
-    val_size: float = _range(0.0, 1.0, low_open=True, high_open=True)
+    url: str = _pattern(SOURCE, regex=r".+", meaning="a URL (https://, file://) or a local path")
+    # The archive's identity: a new md5 is new data, whatever the URL.
+    md5: str = _pattern(SOURCE, DATA, regex=r"[0-9a-fA-F]{32}", meaning="32 hexadecimal digits")
+    val_size: float = _range(DATA, low=0.0, high=1.0, low_open=True, high_open=True)
 
     def __post_init__(self) -> None:
         shown = redact_url(self.url)
@@ -73,52 +101,54 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    arch: str = _choice(*ARCHS)
-    width: float = _range(0.0, 4.0, low_open=True)
-    dropout: float = _range(0.0, 1.0, high_open=True)
-    norm: str = _choice(*NORMS)
+    arch: str = _choice(TRIAL, TRAINING, allowed=ARCHS)
+    width: float = _range(TRIAL, TRAINING, low=0.0, high=4.0, low_open=True)
+    dropout: float = _range(TRAINING, low=0.0, high=1.0, high_open=True)  # a trial sets its own
+    norm: str = _choice(TRIAL, TRAINING, allowed=NORMS)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = _range(1)
-    batch_size: int = _range(1)
-    optimizer: str = _choice(*OPTIMIZERS)
-    lr: float = _range(0.0, low_open=True)
-    momentum: float = _range(0.0, 1.0, high_open=True)
-    weight_decay: float = _range(0.0)
-    schedule: str = _choice(*SCHEDULES)
-    label_smoothing: float = _range(0.0, 1.0, high_open=True)
-    device: str = _choice(*DEVICES)
-    # Speed settings: each is a no-op or exact on CPU, so the defaults can be the fast GPU ones.
-    precision: str = _choice(*PRECISIONS)
-    channels_last: bool
-    cudnn_benchmark: bool
-    fused_optimizer: bool
-    compile: bool
+    epochs: int = _range(TRAINING, low=1)  # a trial runs tune.epochs_per_trial
+    batch_size: int = _range(TRIAL, TRAINING, low=1)
+    optimizer: str = _choice(TRIAL, TRAINING, allowed=OPTIMIZERS)
+    lr: float = _range(TRAINING, low=0.0, low_open=True)  # a trial sets its own
+    momentum: float = _range(TRIAL, TRAINING, low=0.0, high=1.0, high_open=True)
+    weight_decay: float = _range(TRIAL, TRAINING, low=0.0)
+    schedule: str = _choice(TRIAL, TRAINING, allowed=SCHEDULES)
+    label_smoothing: float = _range(TRIAL, TRAINING, low=0.0, high=1.0, high_open=True)
+    # Speed settings: each is a no-op or exact on CPU, so the defaults can be the fast GPU ones;
+    # workers on other hardware share a study, and a checkpoint resumes on another device.
+    device: str = _choice(SPEED, allowed=DEVICES)
+    precision: str = _choice(SPEED, allowed=PRECISIONS)
+    channels_last: bool = _param(SPEED)
+    cudnn_benchmark: bool = _param(SPEED)
+    fused_optimizer: bool = _param(SPEED)
+    compile: bool = _param(SPEED)
     # How often a resumable training (the train stage) writes its checkpoint, at most: each
     # write of the default model costs about a second per GB; 0 = after every epoch.
-    checkpoint_seconds: float = _range(0.0)
+    checkpoint_seconds: float = _range(TRAIN_RUN, low=0.0)
     # Training processes on this machine (one per GPU): >1 starts them with torchrun's launcher.
-    nproc: int = _range(1, 1024)
+    nproc: int = _range(TRAIN_RUN, low=1, high=1024)
 
 
 @dataclass(frozen=True)
 class TuneConfig:
-    n_trials: int = _range(0)
-    epochs_per_trial: int = _range(1)
-    lr_low: float = _range(0.0, low_open=True)
-    lr_high: float = _range(0.0, low_open=True)
-    dropout_low: float = _range(0.0, 1.0, high_open=True)
-    dropout_high: float = _range(0.0, 1.0, high_open=True)
-    metric: str = _choice(*TUNE_METRICS)
-    direction: str = _choice("maximize", "minimize")
-    sampler: str = _choice(*SAMPLERS)
-    pruner: str = _choice(*PRUNERS)
-    seed: int = _range(0, MAX_SEED)
-    storage: str = _pattern(r"\S+", "an SQLAlchemy URL, e.g. sqlite:///tune/optuna.db")
-    study_name: str = _pattern(r"\S.*", "a study name, or auto")
-    heartbeat_seconds: int = _range(1)
+    n_trials: int = _range(TUNING, low=0)
+    epochs_per_trial: int = _range(TRIAL, low=1)
+    lr_low: float = _range(TRIAL, low=0.0, low_open=True)
+    lr_high: float = _range(TRIAL, low=0.0, low_open=True)
+    dropout_low: float = _range(TRIAL, low=0.0, high=1.0, high_open=True)
+    dropout_high: float = _range(TRIAL, low=0.0, high=1.0, high_open=True)
+    metric: str = _choice(TRIAL, allowed=TUNE_METRICS)
+    direction: str = _choice(TRIAL, allowed=("maximize", "minimize"))
+    sampler: str = _choice(TRIAL, allowed=SAMPLERS)
+    pruner: str = _choice(TRIAL, allowed=PRUNERS)
+    seed: int = _range(TRIAL, low=0, high=MAX_SEED)
+    storage: str = _pattern(TUNING, regex=r"\S+",
+                            meaning="an SQLAlchemy URL, e.g. sqlite:///tune/optuna.db")
+    study_name: str = _pattern(TUNING, regex=r"\S.*", meaning="a study name, or auto")
+    heartbeat_seconds: int = _range(TUNING, low=1)
 
     def __post_init__(self) -> None:
         for name in ("lr", "dropout"):
@@ -134,20 +164,20 @@ class TuneConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    batch_size: int = _range(1)
-    flip_tta: bool
+    batch_size: int = _range(SPEED, low=1)  # validation and test batches: how fast, not what
+    flip_tta: bool = _param(EVALUATION)
 
 
 @dataclass(frozen=True)
 class MlflowConfig:
     # MLflow stores at most 256 characters (a longer name fails deep inside its store).
-    experiment: str = _pattern(r"\S.{0,255}", "a non-empty experiment name of at most 256 "
-                                              "characters")
+    experiment: str = _pattern(REPORTING, regex=r"\S.{0,255}",
+                               meaning="a non-empty experiment name of at most 256 characters")
     # The Model Registry entry the evaluate stage registers each evaluated model under; "" turns
     # registration off. Letters, digits, '.', '_' and '-': safe in a models:/ URI.
-    registered_model: str = _pattern(r"([A-Za-z0-9][A-Za-z0-9._-]{0,255})?",
-                                     "a model name of letters, digits, '.', '_' and '-' (at "
-                                     "most 256), or \"\" to register nothing")
+    registered_model: str = _pattern(EVALUATION, regex=r"([A-Za-z0-9][A-Za-z0-9._-]{0,255})?",
+                                     meaning="a model name of letters, digits, '.', '_' and "
+                                             "'-' (at most 256), or \"\" to register nothing")
 
 
 @dataclass(frozen=True)
@@ -169,6 +199,30 @@ class Params:
         return {section: {k: redact_url(v) if isinstance(v, str) else v
                           for k, v in values.items()}
                 for section, values in self.to_dict().items()}
+
+
+def affecting(*marks: str) -> dict[str, list[str]]:
+    """{section: [key, ...]} of the params marked with any of ``marks``, in params.yaml order."""
+    found: dict[str, list[str]] = {}
+    for section, cls in _SECTIONS.items():
+        keys = [f.name for f in dataclasses.fields(cls) if f.metadata["affects"] & set(marks)]
+        if keys:
+            found[section] = keys
+    return found
+
+
+def identity(params: Params, *marks: str) -> dict[str, dict[str, Any]]:
+    """{section: {key: value}} of the params marked with any of ``marks``: what a fingerprint
+    hashes (the training's: DATA, TRAINING; a study's: DATA, TRIAL)."""
+    tree = params.to_dict()
+    return {section: {key: tree[section][key] for key in keys}
+            for section, keys in affecting(*marks).items()}
+
+
+def stage_params(stage: str) -> list[str]:
+    """``section.key`` of every param ``stage`` reads (dvc.yaml's params for it)."""
+    return [f"{section}.{key}" for section, keys in affecting(*STAGE_READS[stage]).items()
+            for key in keys]
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -1,14 +1,17 @@
-"""Which of the package's source files a module runs: its import closure inside cifar_alexnet.
+"""What each stage depends on, derived in one place: its code (the package files its script
+imports, lazily too) and its params (the fields config.py marks with what the stage reads).
 
-One answer to "what code does this stage depend on": the training fingerprint hashes it (an edit
-to the benchmark or the CI tools does not discard a resumable checkpoint), and a test holds the
-code deps in dvc.yaml to it (an edit to them does not retrain either).
+`python -m cifar_alexnet.sources` writes both into dvc.yaml's `deps:` and `params:` lists (the
+data deps there are kept); `--check` says whether dvc.yaml is current (the tests run it). The
+training fingerprint hashes the training core's import closure, so an edit to the benchmark or
+the CI tools neither retrains nor discards a resumable checkpoint.
 """
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Callable
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 PACKAGE = PACKAGE_DIR.name
@@ -72,3 +75,73 @@ def module_files(*entries: str | Path) -> list[Path]:
                      for i in range(1, len(parents) + 1)]
         todo += [(_file_of(m), m) for m in _imported_modules(path, module)]
     return sorted({p for p in seen if PACKAGE_DIR in p.parents} | {PACKAGE_DIR / "__init__.py"})
+
+
+STAGE_SCRIPTS = "pipeline"  # pipeline/<stage>.py runs stage <stage>
+
+
+def stage_code(stage: str, root: Path) -> list[str]:
+    """The stage script and the package files it imports, as dvc.yaml paths from ``root``."""
+    script = root / STAGE_SCRIPTS / f"{stage}.py"
+    return [f"{STAGE_SCRIPTS}/{stage}.py",
+            *(str(p.relative_to(PACKAGE_DIR.parents[1])) for p in module_files(script))]
+
+
+def _block(text: str, stage: str) -> tuple[int, int]:
+    """The span of ``stage``'s entry under ``stages:`` in dvc.yaml's text."""
+    import re
+
+    start = re.search(rf"^  {re.escape(stage)}:\n", text, re.M)
+    if start is None:
+        raise ValueError(f"dvc.yaml has no stage {stage!r}")
+    end = re.compile(r"^(  [A-Za-z_][\w-]*:|\S)", re.M).search(text, start.end())
+    return start.end(), end.start() if end else len(text)
+
+
+def _replace_list(block: str, key: str, items: list[str], keep: Callable[[str], bool]) -> str:
+    """``block`` with its ``key:`` list holding ``items``, then the old entries ``keep`` keeps."""
+    import re
+
+    match = re.search(rf"^    {key}:(.*)\n((?:      - .*\n)+)", block, re.M)
+    if match is None:
+        raise ValueError(f"a stage has no {key}: list")
+    old = [line.removeprefix("      - ") for line in match[2].splitlines()]
+    kept = [entry for entry in old if keep(entry)]
+    lines = "".join(f"      - {entry}\n" for entry in [*items, *kept])
+    return block[:match.start(2)] + lines + block[match.end(2):]
+
+
+def rewrite(dvc_yaml: str, root: Path) -> str:
+    """dvc.yaml's text with every stage's code deps and params as derived here."""
+    from cifar_alexnet.config import STAGE_READS, stage_params
+
+    for stage in STAGE_READS:
+        start, end = _block(dvc_yaml, stage)
+        block = _replace_list(dvc_yaml[start:end], "deps", stage_code(stage, root),
+                              keep=lambda d: not d.startswith((f"{STAGE_SCRIPTS}/", "src/")))
+        block = _replace_list(block, "params", stage_params(stage), keep=lambda _: False)
+        dvc_yaml = dvc_yaml[:start] + block + dvc_yaml[end:]
+    return dvc_yaml
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dvc_yaml", nargs="?", type=Path, default=Path("dvc.yaml"))
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 when dvc.yaml is not what this would write")
+    args = parser.parse_args(argv)
+    current = args.dvc_yaml.read_text()
+    derived = rewrite(current, args.dvc_yaml.resolve().parent)
+    if args.check:
+        if derived != current:
+            print(f"{args.dvc_yaml} is out of date: run `python -m cifar_alexnet.sources`")
+            return 1
+        return 0
+    args.dvc_yaml.write_text(derived)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

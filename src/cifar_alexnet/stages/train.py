@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 
 from cifar_alexnet import tracking
 from cifar_alexnet.best_params import load_best_params, tuned_params
-from cifar_alexnet.config import Params
+from cifar_alexnet.config import DATA, TRAINING, Params, identity
 from cifar_alexnet.core.archive import Batch
 from cifar_alexnet.core.data import DatasetMeta, load_meta, load_split
 from cifar_alexnet.core.model import build_model, count_parameters, summary
@@ -87,21 +87,13 @@ def apply_best_params(params: Params, best_params_path: Path | None,
 TRAINING_CORE = ("core.train", "core.model", "core.data")
 
 
-# How often the checkpoint is written: a checkpoint written more or less often is as resumable.
-NOT_WHAT_TRAINING_COMPUTES = frozenset({"checkpoint_seconds", "nproc"})
-
-
 def training_fingerprint(params: Params) -> str:
-    """Hash of what training depends on (the train stage's params in dvc.yaml, the data) and of
+    """Hash of what training computes (the params marked DATA or TRAINING in config.py) and of
     the training core's code: a checkpoint is resumed only by the training it came from, and an
-    edit elsewhere (tracking, the benchmark, CI tools) does not discard it."""
-    tree = params.to_dict()
-    train = {k: v for k, v in tree["train"].items() if k not in NOT_WHAT_TRAINING_COMPUTES}
-    relevant = {"base": tree["base"], "model": tree["model"], "train": train,
-                "data": {k: tree["data"][k] for k in ("md5", "val_size")},
-                "evaluate.batch_size": tree["evaluate"]["batch_size"],
-                "mlflow.experiment": tree["mlflow"]["experiment"]}
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode())
+    edit elsewhere (tracking, the benchmark, CI tools), a device, a process count or an MLflow
+    name does not discard it."""
+    digest = hashlib.sha256(json.dumps(identity(params, DATA, TRAINING),
+                                       sort_keys=True).encode())
     for source in module_files(*TRAINING_CORE):
         digest.update(source.read_bytes())
     return digest.hexdigest()

@@ -26,7 +26,7 @@ from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
 from cifar_alexnet import tracking
-from cifar_alexnet.config import Params
+from cifar_alexnet.config import DATA, TRIAL, Params, identity
 from cifar_alexnet.errors import ConfigError, PipelineError
 from cifar_alexnet.redact import redact_url
 from cifar_alexnet.workspace import resolve_sqlite_url
@@ -73,14 +73,6 @@ GRACE_HEARTBEATS = 3  # a RUNNING trial whose heartbeat is this many intervals o
 MAX_RETRIES = 3
 STORAGE_ATTEMPTS = 4
 
-# Settings that change how fast a trial runs, not what it computes; workers on different
-# hardware (CPU, GPU) can share one study. (Trials write no checkpoints.)
-_HARDWARE_KEYS = {"device", "precision", "channels_last", "cudnn_benchmark", "fused_optimizer",
-                  "compile", "checkpoint_seconds", "nproc"}
-# Settings of the tune section that do not change what a trial is.
-_RUN_KEYS = {"n_trials", "storage", "study_name", "heartbeat_seconds"}
-
-
 def storage_url(params: Params) -> str:
     """$CIFAR_TUNE_STORAGE or tune.storage; a relative SQLite path is relative to the project
     root, also when DVC runs the stage in a temporary experiment copy."""
@@ -93,16 +85,10 @@ def configured_storage(params: Params) -> str:
 
 
 def study_fingerprint(params: Params) -> dict[str, Any]:
-    """What a trial's result depends on; a study must not mix trials of different ones."""
-    tree = params.to_dict()
-    return {
-        "data": {"md5": params.data.md5, "val_size": params.data.val_size},
-        "base": {"seed": params.base.seed},
-        "model": {k: v for k, v in tree["model"].items() if k != "dropout"},
-        "train": {k: v for k, v in tree["train"].items()
-                  if k not in _HARDWARE_KEYS | {"lr", "epochs"}},
-        "tune": {k: v for k, v in tree["tune"].items() if k not in _RUN_KEYS},
-    }
+    """What a trial's result depends on (the params marked DATA or TRIAL in config.py); a study
+    must not mix trials of different ones. Devices and other speed settings are not in it:
+    workers on other hardware share a study."""
+    return identity(params, DATA, TRIAL)
 
 
 def _digest(fingerprint: Mapping[str, Any]) -> str:
