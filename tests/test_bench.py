@@ -56,7 +56,7 @@ def conv_macs(size_out, c_in, c_out, k):
 
 
 def test_flops_per_image_match_the_layer_arithmetic_of_alexnet():
-    # 32x32 AlexNet (model.ARCH_SPECS["alexnet"]) worked out by hand: output size x MACs each.
+    # 32x32 AlexNet (architectures.ARCHITECTURES["alexnet"]) worked out by hand: output size x MACs each.
     expected = (conv_macs(29, 3, 96, 4)          # 32 - 4 + 1 = 29
                 + conv_macs(29, 96, 256, 5)      # padded, then pooled to 14
                 + conv_macs(14, 256, 384, 3)

@@ -5,7 +5,8 @@ import torch
 from torch import nn
 
 from cifar_alexnet.config import ModelConfig
-from cifar_alexnet.core.model import ARCH_SPECS, AlexNet, build_model, count_parameters, summary
+from cifar_alexnet.core.architectures import ARCHITECTURES
+from cifar_alexnet.core.model import AlexNet, build_model, count_parameters, summary
 from cifar_alexnet.tools.bench import multiply_adds
 
 
@@ -15,7 +16,7 @@ from cifar_alexnet.tools.bench import multiply_adds
     ("alexnet_paper", 227, 9216, 58_322_314),
 ])
 def test_full_width_shapes(arch, input_size, flat, params):
-    net = AlexNet(ARCH_SPECS[arch], width=1.0, dropout=0.5, norm="lrn")
+    net = AlexNet(ARCHITECTURES[arch].spec, width=1.0, dropout=0.5, norm="lrn")
     convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
     linears = [m for m in net.classifier if isinstance(m, nn.Linear)]
     assert len(convs) == 5 and len(linears) == 3
@@ -29,7 +30,7 @@ def test_full_width_shapes(arch, input_size, flat, params):
                                                ("lrn", nn.LocalResponseNorm, 2),
                                                ("none", None, 0)])
 def test_norm_choice_sets_the_normalisation_layers(norm, layer, count):
-    net = AlexNet(ARCH_SPECS["alexnet"], width=1.0, norm=norm)
+    net = AlexNet(ARCHITECTURES["alexnet"].spec, width=1.0, norm=norm)
     kinds = (nn.BatchNorm2d, nn.LocalResponseNorm)
     assert [type(m) for m in net.features if isinstance(m, kinds)] == [layer] * count
     convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
@@ -47,7 +48,7 @@ def test_paper_arch_resizes_cifar_images_to_227():
 
 
 def test_paper_init_and_lrn_follow_the_paper():
-    net = AlexNet(ARCH_SPECS["alexnet_paper"], width=0.25, norm="lrn")
+    net = AlexNet(ARCHITECTURES["alexnet_paper"].spec, width=0.25, norm="lrn")
     convs = [m for m in net.features if isinstance(m, nn.Conv2d)]
     linears = [m for m in net.classifier if isinstance(m, nn.Linear)]
     assert [float(c.bias.detach().mean()) for c in convs] == [0.0, 1.0, 0.0, 1.0, 1.0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
@@ -75,6 +76,7 @@ import os, sys, time
 from pathlib import Path
 from cifar_alexnet import tracking           # mlflow imported before the start line
 go = Path(sys.argv[1])
+Path(f"{go}.{os.getpid()}").touch()          # ready
 while not go.exists():
     time.sleep(0.01)
 tracking.use_default_store()                 # MLFLOW_TRACKING_URI: a store nobody opened yet
@@ -92,7 +94,10 @@ def test_stages_that_open_a_new_sqlite_store_at_once_all_succeed(tmp_path):
         openers = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, str(go)], env=env,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                    for _ in range(3)]
-        time.sleep(8)  # all of them past their imports, waiting for the start line
+        deadline = time.monotonic() + 120
+        while not all(Path(f"{go}.{o.pid}").exists() for o in openers):  # at the start line
+            assert time.monotonic() < deadline and all(o.poll() is None for o in openers)
+            time.sleep(0.05)
         go.touch()
         for opener in openers:
             _, err = opener.communicate(timeout=300)

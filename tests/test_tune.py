@@ -108,6 +108,21 @@ def test_study_searches_the_ranges_and_writes_best_params_that_train_uses(
         assert [m.step for m in history] == list(range(1, trial.user_attrs["epochs_run"] + 1))
 
 
+def test_an_architecture_without_dropout_is_tuned_on_the_learning_rate_alone(archive,
+                                                                             prepared, tmp_path,
+                                                                             tracking_uri):
+    params = params_from_dict({**tune_raw(archive, tmp_path, n_trials=2, epochs_per_trial=1),
+                               "model": {"arch": "lenet5", "width": 1.0, "dropout": 0.3,
+                                         "norm": "none"}})
+    out = tmp_path / "tune"
+    study = run_study(params, prepared, out_dir=out)
+    assert [set(t.params) for t in study.trials] == [{LR}, {LR}]
+    best = yaml.safe_load((out / BEST_PARAMS_FILE).read_text())
+    assert best["params"] == {"train": {"lr": study.best_params[LR]}}
+    trained, _ = apply_best_params(params, out / BEST_PARAMS_FILE)
+    assert trained.model.dropout == params.model.dropout  # params.yaml's, unused by LeNet-5
+
+
 def test_the_median_pruner_stops_a_trial_that_cannot_learn(archive, prepared, tmp_path,
                                                           tracking_uri):
     params = tune_params(archive, tmp_path, n_trials=4, epochs_per_trial=3, pruner="median",

@@ -15,9 +15,9 @@ from torch import nn
 from cifar_alexnet import tracking
 from cifar_alexnet.config import ARCHS, ModelConfig
 from cifar_alexnet.core.data import load_meta, load_split
-from cifar_alexnet.core.model import ARCH_SPECS, build_model, count_parameters, summary
+from cifar_alexnet.core.architectures import ARCHITECTURES
+from cifar_alexnet.core.model import build_model, count_parameters, summary
 from cifar_alexnet.core.train import fit, seed_everything, to_device
-from cifar_alexnet.core.zoo import NETWORKS, USES_DROPOUT
 
 TOUR = [a for a in ARCHS if a != "alexnet_paper"]  # 227 x 227: its own tests in test_model.py
 SMALL = 0.125
@@ -27,9 +27,10 @@ def config(arch: str, width: float = SMALL, dropout: float = 0.3) -> ModelConfig
     return ModelConfig(arch, width, dropout, "batch")
 
 
-def test_every_arch_is_either_an_alexnet_spec_or_a_tour_network():
-    assert set(ARCHS) == set(ARCH_SPECS) | set(NETWORKS)
-    assert not set(ARCH_SPECS) & set(NETWORKS)
+def test_every_arch_params_accept_is_one_the_registry_builds_one_way():
+    assert ARCHS == tuple(ARCHITECTURES)
+    for name, arch in ARCHITECTURES.items():
+        assert (arch.spec is None) != (arch.zoo is None), name
 
 
 @pytest.mark.parametrize("arch", TOUR)
@@ -48,11 +49,15 @@ def test_shapes_size_and_summary(arch):
 
 
 @pytest.mark.parametrize("arch", TOUR)
-def test_dropout_is_used_exactly_where_the_network_has_it(arch):
+def test_model_dropout_and_norm_act_exactly_where_the_registry_says(arch):
+    """What tuning relies on (it searches model.dropout only where it is used) and the docs
+    say: the registry's flags are the networks' truth."""
     rates = {m.p for m in build_model(config(arch, dropout=0.37)).modules()
              if isinstance(m, nn.Dropout)}
-    has_dropout = USES_DROPOUT.get(arch, True)  # the AlexNet family has it
-    assert rates == ({0.37} if has_dropout else set()), rates
+    assert rates == ({0.37} if ARCHITECTURES[arch].dropout else set()), rates
+    lrn = any(isinstance(m, nn.LocalResponseNorm)
+              for m in build_model(dataclasses.replace(config(arch), norm="lrn")).modules())
+    assert lrn == ARCHITECTURES[arch].norm
 
 
 @pytest.mark.slow
@@ -73,7 +78,8 @@ def test_each_arch_learns_in_two_epochs_on_the_cpu(arch, params, prepared):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", sorted(NETWORKS) + ["zfnet"])
+@pytest.mark.parametrize("arch", sorted(a for a, spec in ARCHITECTURES.items() if spec.zoo)
+                         + ["zfnet"])
 def test_the_logged_model_of_each_arch_serves_what_the_network_computes(arch, tmp_path):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("zoo")

@@ -14,12 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from cifar_alexnet.core.architectures import ARCHITECTURES
 from cifar_alexnet.errors import ConfigError
 from cifar_alexnet.redact import redact_url
 
-# The AlexNet family and ZFNet (core/model.py), then the tour's other CNNs (core/zoo.py).
-ARCHS = ("alexnet", "alexnet_small", "alexnet_paper", "zfnet", "lenet5", "vgg11_bn", "vgg16_bn",
-         "googlenet", "resnet18")
+ARCHS = tuple(ARCHITECTURES)  # core/architectures.py: one table of every model.arch
 DEVICES = ("auto", "cpu", "cuda")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("onecycle", "cosine", "constant")

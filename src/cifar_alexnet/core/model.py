@@ -15,64 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cifar_alexnet.core.architectures import ARCHITECTURES, ArchSpec, Conv
 from cifar_alexnet.core.cifar10 import IMAGE_SHAPE, NUM_CLASSES
 from cifar_alexnet.config import ModelConfig
 
 
-@dataclass(frozen=True)
-class Conv:
-    channels: int
-    kernel: int
-    stride: int = 1
-    padding: int = 0
-    lrn: bool = False   # local response normalisation after the ReLU
-    pool: bool = False  # overlapping 3x3 stride-2 max-pool after that
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    input_size: int
-    convs: tuple[Conv, ...]
-    hidden: tuple[int, int]  # widths of the two hidden FC layers
-    paper_init: bool = False
-
-
-ARCH_SPECS: dict[str, ArchSpec] = {
-    # The widely reproduced 32x32 adaptation: 32 -> 29 -> pool 14 -> pool 6; 256*6*6 = 9216.
-    "alexnet": ArchSpec(32, (
-        Conv(96, 4, lrn=True),
-        Conv(256, 5, padding=2, lrn=True, pool=True),
-        Conv(384, 3, padding=1),
-        Conv(384, 3, padding=1),
-        Conv(256, 3, padding=1, pool=True),
-    ), (4096, 4096)),
-    # Reduced variant: 32 -> pool 15 -> pool 7 -> 5 (last conv unpadded); 128*5*5 = 3200.
-    "alexnet_small": ArchSpec(32, (
-        Conv(64, 5, padding=2, lrn=True, pool=True),
-        Conv(192, 5, padding=2, lrn=True, pool=True),
-        Conv(256, 3, padding=1),
-        Conv(256, 3, padding=1),
-        Conv(128, 3),
-    ), (2048, 2048)),
-    # Zeiler & Fergus 2013 scaled to 32x32: AlexNet with a smaller first filter and stride
-    # (the paper's 7x7/2 for 11x11/4) and wider conv3-5 (512, 1024, 512):
-    # 32 -> 16 -> pool 7 -> pool 3; 512*3*3 = 4608.
-    "zfnet": ArchSpec(32, (
-        Conv(96, 7, stride=2, padding=3, lrn=True),
-        Conv(256, 5, padding=2, lrn=True, pool=True),
-        Conv(512, 3, padding=1),
-        Conv(1024, 3, padding=1),
-        Conv(512, 3, padding=1, pool=True),
-    ), (4096, 4096)),
-    # Krizhevsky et al. 2012 on 227x227: 227 -> 55 -> pool 27 -> pool 13 -> pool 6; 9216.
-    "alexnet_paper": ArchSpec(227, (
-        Conv(96, 11, stride=4, lrn=True, pool=True),
-        Conv(256, 5, padding=2, lrn=True, pool=True),
-        Conv(384, 3, padding=1),
-        Conv(384, 3, padding=1),
-        Conv(256, 3, padding=1, pool=True),
-    ), (4096, 4096), paper_init=True),
-}
 
 # Paper LRN: b = a / (k + alpha * sum(a^2))^beta over n=5 channels. torch divides alpha by n,
 # so pass alpha * n to get the paper's normalisation.
@@ -180,15 +127,14 @@ class Classifier(nn.Module):
     def __init__(self, config: ModelConfig, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.config = config
-        if config.arch in ARCH_SPECS:
-            spec = ARCH_SPECS[config.arch]
-            self.adapter = InputAdapter(mean, std, spec.input_size)
-            self.net: nn.Module = AlexNet(spec, config.width, config.dropout, config.norm)
+        arch = ARCHITECTURES[config.arch]
+        self.adapter = InputAdapter(mean, std, arch.input_size)
+        if arch.spec is not None:
+            self.net: nn.Module = AlexNet(arch.spec, config.width, config.dropout, config.norm)
         else:  # the tour's other CNNs, each with its own normalisation layers
-            from cifar_alexnet.core.zoo import NETWORKS
+            from cifar_alexnet.core import zoo
 
-            self.adapter = InputAdapter(mean, std, IMAGE_SHAPE[1])
-            self.net = NETWORKS[config.arch](config.width, config.dropout)
+            self.net = getattr(zoo, arch.zoo)(config.width, config.dropout)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(self.adapter(images))

@@ -11,8 +11,6 @@ heads sized for what is left of a 32 x 32 image. ``width`` scales every layer's 
 from __future__ import annotations
 
 import importlib
-from typing import Callable
-
 import torch
 from torch import nn
 
@@ -113,7 +111,8 @@ class GoogLeNet(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.pool(self.features(x)), 1)))
 
 
-def resnet18(width: float = 1.0, num_classes: int = NUM_CLASSES) -> tv_resnet.ResNet:
+def resnet18(width: float = 1.0, dropout: float = 0.0,
+             num_classes: int = NUM_CLASSES) -> tv_resnet.ResNet:
     """torchvision's ResNet-18 (BasicBlock, [2, 2, 2, 2]) with the CIFAR stem of He et al.'s
     CIFAR experiments: a 3x3 stride-1 first convolution and no max-pool, so the four stages see
     32, 16, 8 and 4 pixels. ResNet has no dropout; ``dropout`` is not used."""
@@ -135,13 +134,18 @@ def resnet18(width: float = 1.0, num_classes: int = NUM_CLASSES) -> tv_resnet.Re
     return net
 
 
-# arch -> (width, dropout) -> network; which of the two each one uses is in its docstring
-NETWORKS: dict[str, Callable[[float, float], nn.Module]] = {
-    "lenet5": lambda width, dropout: LeNet5(width),
-    "vgg11_bn": lambda width, dropout: VGG("A", width, dropout),
-    "vgg16_bn": lambda width, dropout: VGG("D", width, dropout),
-    "googlenet": lambda width, dropout: GoogLeNet(width, dropout),
-    "resnet18": lambda width, dropout: resnet18(width),
-}
-USES_DROPOUT = {"lenet5": False, "vgg11_bn": True, "vgg16_bn": True, "googlenet": True,
-                "resnet18": False}
+# The builders core/architectures.py names: (width, dropout) -> network.
+def lenet5(width: float, dropout: float) -> nn.Module:
+    return LeNet5(width)  # no dropout
+
+
+def vgg11_bn(width: float, dropout: float) -> nn.Module:
+    return VGG("A", width, dropout)
+
+
+def vgg16_bn(width: float, dropout: float) -> nn.Module:
+    return VGG("D", width, dropout)
+
+
+def googlenet(width: float, dropout: float) -> nn.Module:
+    return GoogLeNet(width, dropout)

@@ -15,6 +15,7 @@ import optuna
 from cifar_alexnet import tracking
 from cifar_alexnet.best_params import DROPOUT, LR, tuned_params
 from cifar_alexnet.config import Params
+from cifar_alexnet.core.architectures import ARCHITECTURES
 from cifar_alexnet.core.data import load_meta, load_split
 from cifar_alexnet.core.model import build_model
 from cifar_alexnet.core.train import (TrainingDiverged, fit, resolve_device, seed_everything,
@@ -65,8 +66,9 @@ class Objective:
 
     def _train(self, trial: optuna.Trial) -> float:
         tune = self.params.tune
-        values = {LR: trial.suggest_float(LR, tune.lr_low, tune.lr_high, log=True),
-                  DROPOUT: trial.suggest_float(DROPOUT, tune.dropout_low, tune.dropout_high)}
+        values = {LR: trial.suggest_float(LR, tune.lr_low, tune.lr_high, log=True)}
+        if ARCHITECTURES[self.params.model.arch].dropout:  # no search where it changes nothing
+            values[DROPOUT] = trial.suggest_float(DROPOUT, tune.dropout_low, tune.dropout_high)
         params = tuned_params(self.params, values)
         cfg = dataclasses.replace(params.train, epochs=tune.epochs_per_trial)
         outcome: BaseException | None = None

@@ -21,7 +21,7 @@ from cifar_alexnet.io import write_json, write_text
 from cifar_alexnet.plots import integer_x_axis, save as save_figure
 from cifar_alexnet.redact import redact_url
 
-from .study import _retried_numbers, configured_storage, progress
+from .study import retried_trial_numbers, configured_storage, progress
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ TUNING_OFF_NOTE = "tuning_off.txt"  # what plots/ holds while tuning is off
 def summarize(study: optuna.Study, params: Params) -> dict[str, Any]:
     trials = study.get_trials(deepcopy=False)
     state = progress(study)
-    retried = _retried_numbers(trials)
+    retried = retried_trial_numbers(trials)
     counted = [t for t in trials if t.state.is_finished()
                and not (t.state == TrialState.FAIL and t.number in retried)]
     epochs_spent = sum(int(t.user_attrs.get("epochs_run", 0)) for t in trials)
@@ -162,9 +162,11 @@ def study_figures(study: optuna.Study) -> dict[str, Figure]:
     from optuna.visualization import matplotlib as optuna_plots
 
     makers = {"optimization_history.png": lambda: optuna_plots.plot_optimization_history(study),
-              "param_importances.png": lambda: optuna_plots.plot_param_importances(study),
-              "lr_dropout_contour.png": lambda: optuna_plots.plot_contour(
-                  study, params=[LR, DROPOUT])}
+              "param_importances.png": lambda: optuna_plots.plot_param_importances(study)}
+    searched = {name for t in study.get_trials(deepcopy=False) for name in t.params}
+    if {LR, DROPOUT} <= searched:  # an architecture without dropout searches lr alone
+        makers["lr_dropout_contour.png"] = lambda: optuna_plots.plot_contour(
+            study, params=[LR, DROPOUT])
     figures = {}
     for name, make in makers.items():
         try:

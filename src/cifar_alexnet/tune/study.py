@@ -194,7 +194,7 @@ class SeededPerTrial(optuna.samplers.BaseSampler):
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         others = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
-        retried = _retried_numbers(others)
+        retried = retried_trial_numbers(others)
         finished = sum(t.state.is_finished() and not (t.state == TrialState.FAIL
                                                        and t.number in retried) for t in others)
         running_before = sum(t.state == TrialState.RUNNING and t.number < trial.number
@@ -220,7 +220,7 @@ class SeededPerTrial(optuna.samplers.BaseSampler):
         self._sampler.after_trial(study, trial, state, values)
 
 
-def _retried_numbers(trials: list[FrozenTrial]) -> set[int]:
+def retried_trial_numbers(trials: list[FrozenTrial]) -> set[int]:
     """Failed trials that a later trial re-runs (heartbeat retry or interrupted-trial retry)."""
     numbers = set()
     for t in trials:
@@ -251,7 +251,7 @@ class Progress:
 
 def progress(study: optuna.Study) -> Progress:
     trials = study.get_trials(deepcopy=False)
-    retried = _retried_numbers(trials)
+    retried = retried_trial_numbers(trials)
     count = {state: 0 for state in TrialState}
     for t in trials:
         if not (t.state == TrialState.FAIL and t.number in retried):
@@ -269,7 +269,7 @@ def recover(study: optuna.Study, handled: set[int]) -> None:
     """
     optuna.storages.fail_stale_trials(study)  # its heartbeat callback enqueues the retry
     trials = study.get_trials(deepcopy=False)
-    retried = _retried_numbers(trials)
+    retried = retried_trial_numbers(trials)
     for t in trials:
         if t.state != TrialState.FAIL or "fail_reason" in t.user_attrs or t.number in handled:
             continue  # not failed, failed for its own reason (diverged), or already seen
