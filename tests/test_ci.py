@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cifar_alexnet.config import params_from_dict
 from cifar_alexnet.tools.metrics_check import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,3 +121,25 @@ def test_report_shows_a_param_changed_since_the_base_revision(tmp_path):
     assert "No reproduction results" in result.stdout
     diff_row = next(line for line in result.stdout.splitlines() if "train.lr" in line)
     assert "0.002" in diff_row and "0.01" in diff_row
+
+
+def test_ci_params_are_the_projects_params_with_ci_values_laid_over(tmp_path):
+    """reproduce-metrics' own params step, run on the committed files: what it writes loads as a
+    full configuration, keeps CI's values and takes any key CI does not name from params.yaml."""
+    script = (ROOT / ".ci/reproduce-metrics").read_text()
+    step = next(body for body in re.findall(r"python - <<'PY'\n(.*?)\nPY", script, re.S)
+                if "archive.txt" in body)
+    (tmp_path / ".ci").mkdir()
+    project = yaml.safe_load((ROOT / "params.yaml").read_text())
+    ci = yaml.safe_load((ROOT / ".ci/params.yaml").read_text())
+    project["train"]["nproc_added_later"] = 1  # a key params.yaml gained that CI does not name
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(project))
+    (tmp_path / ".ci/params.yaml").write_text(yaml.safe_dump(ci))
+    (tmp_path / "archive.txt").write_text("url: file:///tmp/a.tar.gz\nmd5: " + "0" * 32 + "\n")
+    subprocess.run(["python", "-c", step], cwd=tmp_path, check=True)
+    written = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert written["train"]["nproc_added_later"] == 1
+    assert written["data"]["url"] == "file:///tmp/a.tar.gz"
+    assert {k: v for k, v in written["train"].items() if k in ci["train"]} == ci["train"]
+    del written["train"]["nproc_added_later"]
+    params_from_dict(written, "CI params")  # every key present and valid

@@ -338,6 +338,18 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
     return raw
 
 
+def overlay(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` params with the sections of ``top`` laid over it key by key: a variant (CI's
+    tiny configuration) names only what it changes and takes every other key from ``base``."""
+    merged = {section: dict(values) for section, values in base.items()}
+    for section, values in top.items():
+        if not isinstance(values, Mapping) or not isinstance(merged.get(section), dict):
+            raise ConfigError(f"section '{section}' of the overlay is not a section of the "
+                              f"params it overlays ({', '.join(merged)})")
+        merged[section].update(values)
+    return merged
+
+
 # A comma starts a new override only where a ``section.key=`` follows it, so a value may hold
 # commas itself (a URL's query, a list).
 _NEXT_OVERRIDE = re.compile(r",\s*(?=[A-Za-z_]\w*\.[A-Za-z_]\w*\s*=)")
