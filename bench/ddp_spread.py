@@ -26,11 +26,11 @@ import torch
 from cifar_alexnet.config import load_params
 from cifar_alexnet.core.distributed import current_world, process_group, training_device
 from cifar_alexnet.core.model import build_model
-from cifar_alexnet.core.train import fit, seed_everything, to_device
-from cifar_alexnet.tools import bench
+from cifar_alexnet.core.trainer import fit, seed_everything, to_device
+from cifar_alexnet.tools import throughput
 
 
-def train(params, data: bench.BenchData, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
+def train(params, data: throughput.BenchData, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """One training (of this process's world); its summary and final weights (on the CPU)."""
     device = training_device(params.train.device, current_world())
     seed_everything(seed, device)
@@ -47,7 +47,7 @@ def train(params, data: bench.BenchData, seed: int) -> tuple[dict, dict[str, tor
 def worker(args: argparse.Namespace) -> None:
     """One rank under torchrun: train, then write its summary and weights to --out."""
     params = load_params(args.params, args.set)
-    data = bench.load_archive(args.archive, params.data.val_size, params.base.seed)
+    data = throughput.load_archive(args.archive, params.data.val_size, params.base.seed)
     with process_group(params.train.device) as world:
         summary, weights = train(params, data, args.seed)
         torch.save({"summary": summary, "weights": weights}, Path(args.out) / f"{world.rank}.pt")
@@ -55,7 +55,7 @@ def worker(args: argparse.Namespace) -> None:
 
 def compare(args: argparse.Namespace) -> list[dict]:
     params = load_params(args.params, args.set)
-    data = bench.load_archive(args.archive, params.data.val_size, params.base.seed)
+    data = throughput.load_archive(args.archive, params.data.val_size, params.base.seed)
     rows = []
     for seed in args.seeds:
         single, _ = train(params, data, seed)
@@ -117,7 +117,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")
     params = load_params(args.params, args.set)
-    data = bench.load_archive(args.archive, params.data.val_size, params.base.seed)
+    data = throughput.load_archive(args.archive, params.data.val_size, params.base.seed)
     print(table(rows, args.nproc, len(data.val_labels)))
 
 

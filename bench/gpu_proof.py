@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from cifar_alexnet.config import Params, load_params
-from cifar_alexnet.tools import bench
+from cifar_alexnet.tools import throughput
 
 log = logging.getLogger("gpu-proof")
 
@@ -89,7 +89,7 @@ SMOKE = Sizes(generated={"train": 128, "val": 32, "test": 32},
               budget_seconds=240.0)
 # The batch size is the sweep's largest (the compile row is compared with that row);
 # checkpoint_seconds=0: a checkpoint after every epoch, so the rehearsal times several.
-SMOKE_OVERRIDES = (*bench.SMOKE_OVERRIDES, f"train.batch_size={SMOKE.sweep_batches[-1]}",
+SMOKE_OVERRIDES = (*throughput.SMOKE_OVERRIDES, f"train.batch_size={SMOKE.sweep_batches[-1]}",
                    "train.checkpoint_seconds=0")
 
 
@@ -116,15 +116,15 @@ class Proof:
     results: dict[str, Any]
     flops: int | None = None                  # training FLOPs per image of params.model
     peak: float | None = None                 # the device's dense bf16 peak, TFLOP/s
-    generated: bench.BenchData | None = None
-    dev: bench.BenchData | None = None
+    generated: throughput.BenchData | None = None
+    dev: throughput.BenchData | None = None
     sections: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def seed(self) -> int:
         return self.params.base.seed
 
-    def need_generated(self) -> bench.BenchData:
+    def need_generated(self) -> throughput.BenchData:
         if self.generated is None:
             raise Skipped("no generated data: the data section did not make it")
         return self.generated
@@ -155,14 +155,14 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def section_data(proof: Proof, result: dict[str, Any]) -> None:
     started = time.perf_counter()
-    proof.generated = bench.generated_data(proof.sizes.generated, proof.seed)
+    proof.generated = throughput.generated_data(proof.sizes.generated, proof.seed)
     result["generated"] = {"sizes": proof.generated.sizes,
                            "seconds": time.perf_counter() - started}
     if proof.args.dev_archive is None:
         result["dev_subset"] = None
         return
     started = time.perf_counter()
-    dev = bench.load_archive(proof.args.dev_archive, proof.params.data.val_size, proof.seed)
+    dev = throughput.load_archive(proof.args.dev_archive, proof.params.data.val_size, proof.seed)
     proof.dev = dev.head(proof.sizes.dev_images) if proof.sizes.dev_images else dev
     result["dev_subset"] = {"source": str(proof.args.dev_archive), "sizes": proof.dev.sizes,
                             "seconds": time.perf_counter() - started}
@@ -173,7 +173,7 @@ def trainer_row(proof: Proof, batch: int, compile_: bool) -> dict[str, Any]:
     cfg = dataclasses.replace(proof.params.train, batch_size=batch, compile=compile_)
     started = time.perf_counter()
     try:
-        row = bench.trainer_throughput(proof.params.model, proof.need_generated(), cfg,
+        row = throughput.trainer_throughput(proof.params.model, proof.need_generated(), cfg,
                                        proof.device, proof.seed, proof.sizes.warmup_steps,
                                        proof.sizes.steps)
     except Exception as exc:  # e.g. out of memory at one batch size: the row says so
@@ -182,7 +182,7 @@ def trainer_row(proof: Proof, batch: int, compile_: bool) -> dict[str, Any]:
                 "error": f"{type(exc).__name__}: {exc}"[:300]}
     # wall_seconds: model set-up, warm-up (cuDNN autotuning, compilation) and the timed steps
     row["wall_seconds"] = time.perf_counter() - started
-    return bench.achieved(row, proof.flops, proof.peak) if proof.flops else row
+    return throughput.achieved(row, proof.flops, proof.peak) if proof.flops else row
 
 
 def _raise_row_errors(rows: list[dict[str, Any]]) -> None:
@@ -201,23 +201,23 @@ def section_sweep(proof: Proof, result: dict[str, Any]) -> None:
 
 
 def section_baseline(proof: Proof, result: dict[str, Any]) -> None:
-    row = bench.baseline_throughput(proof.params.model, proof.need_generated(),
+    row = throughput.baseline_throughput(proof.params.model, proof.need_generated(),
                                     proof.params.train, proof.device, proof.seed,
                                     proof.sizes.warmup_steps, proof.sizes.steps,
                                     proof.args.workers)
-    result.update(bench.achieved(row, proof.flops, proof.peak) if proof.flops else row)
+    result.update(throughput.achieved(row, proof.flops, proof.peak) if proof.flops else row)
 
 
 def section_stage(proof: Proof, result: dict[str, Any]) -> None:
-    result.update(bench.stage_wall_time(proof.params, proof.need_generated(), proof.device,
+    result.update(throughput.stage_wall_time(proof.params, proof.need_generated(), proof.device,
                                         proof.sizes.stage_epochs))
 
 
 def section_tta_dev(proof: Proof, result: dict[str, Any]) -> None:
     if proof.dev is None:
         raise Skipped("no dev subset (--dev-archive not given, or it did not load)")
-    result.update(bench.time_to_accuracy(proof.params, proof.dev, proof.device,
-                                         bench.SUBSET_TARGET_ACC,
+    result.update(throughput.time_to_accuracy(proof.params, proof.dev, proof.device,
+                                         throughput.SUBSET_TARGET_ACC,
                                          proof.sizes.tta_budget_seconds))
 
 
@@ -302,7 +302,7 @@ def section_alexnet_paper(proof: Proof, result: dict[str, Any]) -> None:
         proof.params, model=dataclasses.replace(proof.params.model, arch="alexnet_paper"),
         train=dataclasses.replace(proof.params.train, epochs=proof.sizes.paper_epochs))
     result["data"] = data.source
-    result.update(bench.time_to_accuracy(params, data, proof.device, bench.SUBSET_TARGET_ACC,
+    result.update(throughput.time_to_accuracy(params, data, proof.device, throughput.SUBSET_TARGET_ACC,
                                          proof.sizes.tta_budget_seconds))
 
 
@@ -407,12 +407,12 @@ def run_section(proof: Proof, name: str, deadline: float, faults: dict[str, str]
 
 def environment(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "device": bench.device_name(device), "device_type": device.type,
+        "device": throughput.device_name(device), "device_type": device.type,
         "torch": torch.__version__, "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if device.type == "cuda" else None,
         "python": platform.python_version(), "numpy": np.__version__,
         "cpu_count": os.cpu_count(),
-        "peak_bf16_tflops": bench.device_peak_tflops(device)}
+        "peak_bf16_tflops": throughput.device_peak_tflops(device)}
     try:
         import torchvision
         info["torchvision"] = torchvision.__version__
@@ -449,11 +449,11 @@ def start(args: argparse.Namespace) -> Proof:
         results["environment_error"] = f"{type(exc).__name__}: {exc}"
         results.setdefault("device", str(device))
     try:
-        model = bench.build_model(params.model)
-        proof.flops = bench.flops_per_image(model)
-        proof.peak = bench.device_peak_tflops(device)
+        model = throughput.build_model(params.model)
+        proof.flops = throughput.flops_per_image(model)
+        proof.peak = throughput.device_peak_tflops(device)
         results["model"] = {"arch": params.model.arch, "width": params.model.width,
-                            "parameters": bench.count_parameters(model),
+                            "parameters": throughput.count_parameters(model),
                             "flops_per_train_image": proof.flops}
         del model
     except Exception as exc:

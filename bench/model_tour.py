@@ -24,15 +24,15 @@ import torch
 
 from cifar_alexnet.config import ARCHS, load_params
 from cifar_alexnet.core.model import build_model, count_parameters, forward_flops
-from cifar_alexnet.core.train import Accel, fit, predict, resolve_device, seed_everything, \
+from cifar_alexnet.core.trainer import Accel, fit, batched_logits, resolve_device, seed_everything, \
     to_device
 from cifar_alexnet.stages.evaluate import evaluate_logits
-from cifar_alexnet.tools import bench
+from cifar_alexnet.tools import throughput
 
 log = logging.getLogger("model-tour")
 
 
-def tour(params, data: bench.BenchData, archs: list[str]) -> list[dict]:
+def tour(params, data: throughput.BenchData, archs: list[str]) -> list[dict]:
     device = resolve_device(params.train.device)
     train = to_device(data.train_images, data.train_labels, device)
     val = to_device(data.val_images, data.val_labels, device)
@@ -49,7 +49,7 @@ def tour(params, data: bench.BenchData, archs: list[str]) -> list[dict]:
                      eval_batch_size=run.evaluate.batch_size)
         seconds = time.perf_counter() - started
         model.load_state_dict(result.best_state)
-        logits = predict(model, test_images, run.evaluate.batch_size,
+        logits = batched_logits(model, test_images, run.evaluate.batch_size,
                          Accel.for_config(run.train, device), flip_tta=run.evaluate.flip_tta)
         metrics = evaluate_logits(logits, test_labels, [str(i) for i in range(10)]).metrics
         epochs = len(result.history)
@@ -61,7 +61,7 @@ def tour(params, data: bench.BenchData, archs: list[str]) -> list[dict]:
     return rows
 
 
-def table(rows: list[dict], params, data: bench.BenchData) -> str:
+def table(rows: list[dict], params, data: throughput.BenchData) -> str:
     lines = [f"model tour: width {params.model.width}, {params.train.epochs} epochs, "
              f"lr {params.train.lr}, batch {params.train.batch_size}, {params.train.device}; "
              f"data {data.source} {data.sizes}", "",
@@ -86,8 +86,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     params = load_params(args.params, args.set)
-    data = (bench.load_archive(args.archive, params.data.val_size, params.base.seed)
-            if args.archive else bench.load_prepared(args.data))
+    data = (throughput.load_archive(args.archive, params.data.val_size, params.base.seed)
+            if args.archive else throughput.load_prepared(args.data))
     rows = tour(params, data, [a.strip() for a in args.archs.split(",") if a.strip()])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2) + "\n")

@@ -3,7 +3,7 @@ against data.md5."""
 
 from pathlib import Path
 
-from cifar_alexnet.cli import parse_params, run_stage, stage_parser
+from cifar_alexnet.stage_runner import parse_params, run_stage, stage_parser
 
 
 def main() -> None:

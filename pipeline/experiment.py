@@ -10,7 +10,7 @@ import argparse
 import subprocess
 import sys
 
-from cifar_alexnet.cli import run_stage
+from cifar_alexnet.stage_runner import run_stage
 from cifar_alexnet.config import load_params, split_override_string
 from cifar_alexnet.best_params import DROPOUT, LR
 

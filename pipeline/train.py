@@ -4,7 +4,7 @@ import os
 import sys
 from pathlib import Path
 
-from cifar_alexnet.cli import (RESUME_HINT, overridden_keys, parse_params, run_stage,
+from cifar_alexnet.stage_runner import (RESUME_HINT, overridden_keys, parse_params, run_stage,
                               stage_parser)
 
 LAUNCHED_HERE = "CIFAR_TRAIN_LAUNCHED"  # set for the ranks this script launches

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from cifar_alexnet.cli import TUNING_INTERRUPTED, parse_params, run_stage, stage_parser
+from cifar_alexnet.stage_runner import TUNING_INTERRUPTED, parse_params, run_stage, stage_parser
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 import torch.optim.optimizer as optim_module
 
-from cifar_alexnet.tools import bench
+from cifar_alexnet.tools import throughput
 from cifar_alexnet.config import ModelConfig
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.core.model import build_model
@@ -36,7 +36,7 @@ from helpers import ROOT, run
 
 @pytest.fixture(scope="module")
 def data(archive):
-    return bench.load_archive(archive.path, val_size=0.1, seed=42)
+    return throughput.load_archive(archive.path, val_size=0.1, seed=42)
 
 
 @pytest.fixture
@@ -64,30 +64,32 @@ def test_flops_per_image_match_the_layer_arithmetic_of_alexnet():
                 + conv_macs(14, 384, 256, 3)     # pooled to 6
                 + 256 * 6 * 6 * 4096 + 4096 * 4096 + 4096 * 10)
     model = build_model(ModelConfig("alexnet", 1.0, 0.5, "batch"))
-    assert bench.multiply_adds(model) == expected
-    flops = bench.flops_per_image(model)
+    assert throughput.multiply_adds(model) == expected
+    flops = throughput.flops_per_image(model)
     # forward, then weight and input gradients, except the first layer's input gradient
     assert flops == 2 * (3 * expected - conv_macs(29, 3, 96, 4))
     assert flops == pytest.approx(7.09e9, rel=0.01)  # ~7.1 GFLOP per training image
 
 
 def test_flop_count_follows_the_width():
-    narrow = bench.multiply_adds(build_model(ModelConfig("alexnet", 0.5, 0.5, "batch")))
-    full = bench.multiply_adds(build_model(ModelConfig("alexnet", 1.0, 0.5, "batch")))
+    narrow = throughput.multiply_adds(build_model(ModelConfig("alexnet", 0.5, 0.5, "batch")))
+    full = throughput.multiply_adds(build_model(ModelConfig("alexnet", 1.0, 0.5, "batch")))
     # All layers but the first (3 input channels) and last (10 outputs) scale with width^2.
     assert 0.25 * full < narrow < 0.3 * full
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H100 NVL", 835.0),
-    ("NVIDIA H200", 989.0), ("NVIDIA GH200 480GB", 989.0), ("NVIDIA A100-SXM4-80GB", 312.0),
-    ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("Tesla T4", None)])
-def test_peak_table_matches_device_names(name, peak):
-    assert bench.peak_tflops_for_name(name) == peak
+def test_peak_lookup_tells_device_variants_apart_and_admits_what_it_does_not_know():
+    peak = throughput.peak_tflops_for_name
+    assert peak("NVIDIA H100 PCIe") < peak("NVIDIA H100 80GB HBM3")  # not the SXM figure
+    assert peak("NVIDIA H100 NVL") < peak("NVIDIA H100 80GB HBM3")
+    assert peak("NVIDIA L40S") > peak("NVIDIA L4")  # "L4" is a substring of "L40S"
+    assert peak("NVIDIA GH200 480GB") == peak("NVIDIA H200") == peak("nvidia h200")
+    assert peak("NVIDIA A100-SXM4-80GB") < peak("NVIDIA H100 80GB HBM3")
+    assert peak("Tesla T4") is None and peak("") is None  # no figure rather than a wrong one
 
 
 def test_cpu_has_no_peak():
-    assert bench.device_peak_tflops(torch.device("cpu")) is None
+    assert throughput.device_peak_tflops(torch.device("cpu")) is None
 
 
 def candidate_crops(image, mean, std):
@@ -110,8 +112,8 @@ def test_baseline_dataset_gives_the_inputs_the_trainer_gives_the_network(data):
     images = data.train_images[:8]
 
     # Without augmentation: ToTensor + Normalize == the model's own first layer.
-    plain = bench.TutorialDataset(images, data.train_labels[:8],
-                                  bench.tutorial_transform(data.mean, data.std, augment=False))
+    plain = throughput.TutorialDataset(images, data.train_labels[:8],
+                                  throughput.tutorial_transform(data.mean, data.std, augment=False))
     tutorial = torch.stack([plain[i][0] for i in range(len(plain))])
     with torch.no_grad():
         trainer = model.adapter(torch.from_numpy(images))
@@ -122,8 +124,8 @@ def test_baseline_dataset_gives_the_inputs_the_trainer_gives_the_network(data):
 
     # With augmentation: both pipelines only ever produce one of the same 162 crops/flips
     # (zero padding included), so their value ranges agree too.
-    augmented = bench.TutorialDataset(images, data.train_labels[:8],
-                                      bench.tutorial_transform(data.mean, data.std))
+    augmented = throughput.TutorialDataset(images, data.train_labels[:8],
+                                      throughput.tutorial_transform(data.mean, data.std))
     generator = torch.Generator().manual_seed(0)
     for i in range(4):
         candidates = candidate_crops(images[i], data.mean, data.std)
@@ -145,7 +147,7 @@ def test_archive_is_split_like_the_prepare_stage(data):
 
 def test_trainer_throughput_times_exactly_the_requested_steps(params, small):
     cfg = dataclasses.replace(params.train, batch_size=16)
-    result = bench.trainer_throughput(params.model, small, cfg, torch.device("cpu"), 0,
+    result = throughput.trainer_throughput(params.model, small, cfg, torch.device("cpu"), 0,
                                       warmup_steps=2, steps=3)
     assert result["images"] == 3 * 16 and result["images_per_s"] > 0
     assert result["precision"] == "fp32" and not result["fused_optimizer"]
@@ -156,20 +158,20 @@ def test_trainer_throughput_times_exactly_the_requested_steps(params, small):
 def test_trainer_throughput_repeats_a_short_split(params, small):
     # 128 images at batch 16 are 8 steps per epoch; 12 steps must still run in one epoch
     # (an epoch end inside the window would run the validation pass and fail on it here).
-    result = bench.trainer_throughput(params.model, small,
+    result = throughput.trainer_throughput(params.model, small,
                                       dataclasses.replace(params.train, batch_size=16),
                                       torch.device("cpu"), 0, warmup_steps=4, steps=8)
     assert result["images"] == 8 * 16
 
 
 def test_baseline_throughput_runs_through_a_dataloader(params, small):
-    result = bench.baseline_throughput(params.model, small, params.train, torch.device("cpu"), 0,
+    result = throughput.baseline_throughput(params.model, small, params.train, torch.device("cpu"), 0,
                                        warmup_steps=1, steps=2, workers=0)
-    assert result["images"] == 2 * bench.BASELINE_BATCH_SIZE and result["images_per_s"] > 0
+    assert result["images"] == 2 * throughput.BASELINE_BATCH_SIZE and result["images_per_s"] > 0
     assert result["precision"] == "fp32" and result["workers"] == 0
 
 
-class DiesInWorkers(bench.TutorialDataset):
+class DiesInWorkers(throughput.TutorialDataset):
     """A dataset whose DataLoader workers die of SIGBUS, as they do when /dev/shm is too small
     for their batches; in the main process it works."""
 
@@ -179,7 +181,7 @@ class DiesInWorkers(bench.TutorialDataset):
         return super().__getitem__(index)
 
 
-class BrokenInWorkers(bench.TutorialDataset):
+class BrokenInWorkers(throughput.TutorialDataset):
     """A dataset whose code raises in the DataLoader workers (and would work in the main
     process): an error of the data code, not a worker dying."""
 
@@ -190,18 +192,18 @@ class BrokenInWorkers(bench.TutorialDataset):
 
 
 def test_baseline_falls_back_to_no_workers_when_its_workers_die(params, small, monkeypatch):
-    monkeypatch.setattr(bench, "TutorialDataset", DiesInWorkers)
-    result = bench.baseline_throughput(params.model, small, params.train, torch.device("cpu"), 0,
+    monkeypatch.setattr(throughput, "TutorialDataset", DiesInWorkers)
+    result = throughput.baseline_throughput(params.model, small, params.train, torch.device("cpu"), 0,
                                        warmup_steps=1, steps=2, workers=1)
     assert result["workers"] == 0 and result["images_per_s"] > 0
     assert result["worker_failure"].startswith("1 workers: RuntimeError: DataLoader worker")
 
 
 def test_baseline_still_fails_on_errors_that_are_not_the_workers(params, small, monkeypatch):
-    monkeypatch.setattr(bench, "TutorialDataset", BrokenInWorkers)
+    monkeypatch.setattr(throughput, "TutorialDataset", BrokenInWorkers)
     # Raised, not measured around with 0 workers: the fallback is for dying workers only.
     with pytest.raises(ValueError, match="a broken image"):
-        bench.baseline_throughput(params.model, small, params.train, torch.device("cpu"), 0,
+        throughput.baseline_throughput(params.model, small, params.train, torch.device("cpu"), 0,
                                   warmup_steps=1, steps=2, workers=1)
 
 
@@ -213,16 +215,16 @@ class SlowLogger:
 
 
 def test_stage_wall_time_splits_the_stage_into_its_parts(short, small, monkeypatch):
-    from cifar_alexnet.core import train as train_module
+    from cifar_alexnet.core import trainer
 
-    helpers = train_module.predict, train_module.save_checkpoint
-    monkeypatch.setattr(bench, "_stage_tracking",
+    helpers = trainer.batched_logits, trainer.save_checkpoint
+    monkeypatch.setattr(throughput, "_stage_tracking",
                         lambda params, directory: contextlib.nullcontext([SlowLogger()]))
     # short: checkpoint_seconds 0, so a checkpoint after each of the 2 epochs
-    result = bench.stage_wall_time(short, small.head({"train": 64, "val": 16}),
+    result = throughput.stage_wall_time(short, small.head({"train": 64, "val": 16}),
                                    torch.device("cpu"), epochs=2)
     seconds = result["seconds"]
-    assert list(seconds) == list(bench.STAGE_PARTS)
+    assert list(seconds) == list(throughput.STAGE_PARTS)
     assert sum(seconds.values()) == pytest.approx(result["wall_seconds"])
     assert all(seconds[part] > 0 for part in ("loop", "evaluation", "checkpoint", "model_file"))
     assert seconds["logging"] >= 0.4  # both epochs' callbacks, and not counted as loop
@@ -231,15 +233,15 @@ def test_stage_wall_time_splits_the_stage_into_its_parts(short, small, monkeypat
     assert result["checkpoints"] == 2 and result["checkpoint_bytes"] > 0
     assert result["mlflow_logging"] is True  # a logging callback was there
     assert [row["epoch"] for row in result["history"]] == [1, 2]
-    assert (train_module.predict, train_module.save_checkpoint) == helpers  # put back
+    assert (trainer.batched_logits, trainer.save_checkpoint) == helpers  # put back
 
 
 def test_generated_data_has_the_sizes_and_statistics_asked_for(monkeypatch):
     from cifar_alexnet.stages.prepare import channel_stats
 
-    monkeypatch.setattr(bench, "GENERATED_CHUNK", 64)  # several chunks per split
+    monkeypatch.setattr(throughput, "GENERATED_CHUNK", 64)  # several chunks per split
     sizes = {"train": 150, "val": 20, "test": 30}
-    data = bench.generated_data(sizes, seed=3)
+    data = throughput.generated_data(sizes, seed=3)
     assert data.sizes == sizes and data.train_images.dtype == np.uint8
     assert data.train_images.shape[1:] == (3, 32, 32) and data.test_labels.dtype == np.int64
     assert set(np.unique(data.train_labels)) == set(range(10))
@@ -249,15 +251,15 @@ def test_generated_data_has_the_sizes_and_statistics_asked_for(monkeypatch):
     # Chunks draw from their own seeds: no chunk repeats another...
     assert not np.array_equal(data.train_images[:64], data.train_images[64:128])
     # ...and the same seed gives the same images, whatever thread drew them.
-    again = bench.generated_data(sizes, seed=3)
+    again = throughput.generated_data(sizes, seed=3)
     assert np.array_equal(again.train_images, data.train_images)
     assert np.array_equal(again.val_labels, data.val_labels)
     with pytest.raises(PipelineError, match="sizes >= 1"):
-        bench.generated_data({"train": 10, "val": 0, "test": 5}, seed=3)
+        throughput.generated_data({"train": 10, "val": 0, "test": 5}, seed=3)
 
 
 def test_time_to_accuracy_reports_first_epoch_at_target(short, small):
-    result = bench.time_to_accuracy(short, small, torch.device("cpu"), target_acc=0.0,
+    result = throughput.time_to_accuracy(short, small, torch.device("cpu"), target_acc=0.0,
                                     budget_seconds=3600)
     assert result["epoch_at_target"] == 1
     assert result["seconds_to_target"] == result["history"][0]["seconds"] > 0
@@ -267,7 +269,7 @@ def test_time_to_accuracy_reports_first_epoch_at_target(short, small):
 
 
 def test_time_to_accuracy_stops_when_the_budget_is_spent(short, small):
-    result = bench.time_to_accuracy(short, small, torch.device("cpu"), target_acc=1.01,
+    result = throughput.time_to_accuracy(short, small, torch.device("cpu"), target_acc=1.01,
                                     budget_seconds=0.0)
     # The first epoch ends past a zero budget: it stops the run but does not count.
     assert result["epochs_run"] == 1 and result["stopped_by"] == "budget spent"
@@ -275,9 +277,9 @@ def test_time_to_accuracy_stops_when_the_budget_is_spent(short, small):
 
 
 def test_run_benchmark_reports_every_figure(short, small):
-    options = bench.BenchOptions(warmup_steps=1, steps=2, budget_seconds=60, workers=0,
+    options = throughput.BenchOptions(warmup_steps=1, steps=2, budget_seconds=60, workers=0,
                                  peak_tflops=100.0)
-    results = bench.run_benchmark(short, small, torch.device("cpu"), options)
+    results = throughput.run_benchmark(short, small, torch.device("cpu"), options)
     tp = results["throughput"]
     assert tp["speedup"] == pytest.approx(tp["trainer"]["images_per_s"]
                                           / tp["baseline"]["images_per_s"])
@@ -285,15 +287,15 @@ def test_run_benchmark_reports_every_figure(short, small):
     trainer = tp["trainer"]
     assert trainer["tflops"] == pytest.approx(trainer["images_per_s"] * flops / 1e12)
     assert trainer["fraction_of_peak"] == pytest.approx(trainer["tflops"] / 100.0)
-    assert results["time_to_accuracy"]["target_acc"] == bench.SUBSET_TARGET_ACC
+    assert results["time_to_accuracy"]["target_acc"] == throughput.SUBSET_TARGET_ACC
     assert results["params"]["model"]["width"] == short.model.width
     json.dumps(results)  # everything is JSON-serialisable
-    table = bench.format_table(results)
+    table = throughput.format_table(results)
     assert "speed-up" in table and "[subset]" in table
 
 
 def test_bench_imports_with_torch_alone():
-    code = ("import sys, cifar_alexnet.tools.bench; "
+    code = ("import sys, cifar_alexnet.tools.throughput; "
             "print(sorted({'mlflow', 'dvc', 'optuna', 'yaml', 'sklearn'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)

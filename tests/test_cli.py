@@ -14,9 +14,9 @@ HEAVY = ("torch", "mlflow", "optuna", "dvc", "PIL", "matplotlib", "sklearn", "pa
 COMMANDS = {
     **{f"pipeline/{stage}.py": [f"pipeline/{stage}.py"]
        for stage in ("download", "prepare", "tune", "train", "evaluate", "experiment")},
-    "cifar-study run": ["-m", "cifar_alexnet.tune.cli", "run"],
-    "cifar-study best": ["-m", "cifar_alexnet.tune.cli", "best"],
-    "cifar-predict": ["-m", "cifar_alexnet.predict"],
+    "cifar-study run": ["-m", "cifar_alexnet.tune.cifar_study", "run"],
+    "cifar-study best": ["-m", "cifar_alexnet.tune.cifar_study", "best"],
+    "cifar-predict": ["-m", "cifar_alexnet.cifar_predict"],
 }
 
 

@@ -13,8 +13,8 @@ import torch
 
 from cifar_alexnet.core.data import load_meta, load_split
 from cifar_alexnet.core.model import build_model
-from cifar_alexnet.core.train import (Accel, StopAfterCheckpoint, fit, load_checkpoint,
-                                      make_optimizer, predict, seed_everything, to_device)
+from cifar_alexnet.core.trainer import (Accel, StopAfterCheckpoint, fit, load_checkpoint,
+                                      make_optimizer, batched_logits, seed_everything, to_device)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -64,10 +64,10 @@ def test_channels_last_compile_and_bf16_forward_agree_with_the_plain_path(params
     _, (images, _), meta = splits
     model = new_model(params, meta).eval()
     batch = images[:256]
-    plain = predict(model, batch, 256, Accel(CUDA))
-    compiled = predict(torch.compile(model), batch, 256, Accel(CUDA))
-    bf16 = predict(model, batch, 256, Accel(CUDA, torch.bfloat16))
-    channels_last = predict(model.to(memory_format=torch.channels_last), batch, 256,
+    plain = batched_logits(model, batch, 256, Accel(CUDA))
+    compiled = batched_logits(torch.compile(model), batch, 256, Accel(CUDA))
+    bf16 = batched_logits(model, batch, 256, Accel(CUDA, torch.bfloat16))
+    channels_last = batched_logits(model.to(memory_format=torch.channels_last), batch, 256,
                             Accel(CUDA, channels_last=True))
     scale = plain.abs().max()
     assert torch.allclose(channels_last, plain, atol=1e-4 * scale, rtol=1e-4)
@@ -127,7 +127,7 @@ def test_gpu_evaluation_agrees_with_the_cpu(params, splits, exact_fp32):
     model = new_model(params, meta)
     fit(model, train, val, gpu_cfg(params, epochs=2), 0)
     images = val[0]
-    on_gpu = predict(model.eval(), images, 500, Accel(CUDA), flip_tta=True).cpu()
-    on_cpu = predict(model.cpu(), images.cpu(), 500, Accel(torch.device("cpu")), flip_tta=True)
+    on_gpu = batched_logits(model.eval(), images, 500, Accel(CUDA), flip_tta=True).cpu()
+    on_cpu = batched_logits(model.cpu(), images.cpu(), 500, Accel(torch.device("cpu")), flip_tta=True)
     assert (on_gpu.argmax(1) == on_cpu.argmax(1)).float().mean() >= 0.99
     assert torch.allclose(on_gpu, on_cpu, atol=1e-3 * on_cpu.abs().max(), rtol=1e-3)

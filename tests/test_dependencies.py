@@ -43,23 +43,28 @@ def test_tools_outside_the_pipeline_are_no_stages_dependency():
     used = {d for stage in STAGES.values() for d in stage["deps"]}
     tools = [d for d in used if d.startswith("src/cifar_alexnet/tools/")]
     assert not tools, tools
-    assert "src/cifar_alexnet/tune/cli.py" not in used
+    assert "src/cifar_alexnet/tune/cifar_study.py" not in used
     optuna_code = [d for d in STAGES["train"]["deps"] if d.startswith("src/cifar_alexnet/tune/")]
     assert not optuna_code, optuna_code
+
+
+def test_a_module_that_does_not_exist_is_an_error_not_an_empty_closure():
+    with pytest.raises(ValueError, match="core.renamed_away"):
+        module_files("core.trainer", "core.renamed_away")
 
 
 def test_the_import_closure_follows_lazy_subpackage_and_relative_imports(tmp_path):
     script = tmp_path / "script.py"
     script.write_text("from cifar_alexnet import tracking\n"
-                      "def f():\n    from cifar_alexnet.tools.bench import main\n")
+                      "def f():\n    from cifar_alexnet.tools.throughput import main\n")
     names = _package_paths(module_files(script))
-    # core/train.py via tracking; the subpackages' __init__.py run on the way
-    assert {"__init__.py", "tracking.py", "tools/__init__.py", "tools/bench.py", "core/__init__.py",
-            "core/train.py", "core/model.py"} <= names
+    # core/trainer.py via tracking; the subpackages' __init__.py run on the way
+    assert {"__init__.py", "tracking.py", "tools/__init__.py", "tools/throughput.py", "core/__init__.py",
+            "core/trainer.py", "core/model.py"} <= names
     assert not {n for n in names if n.startswith("tune/")}
     # the tune package imports its own modules relatively
     assert {"tune/study.py", "tune/report.py", "tune/objective.py", "tune/__init__.py"} <= \
-        _package_paths(module_files("tune.cli"))
+        _package_paths(module_files("tune.cifar_study"))
 
 
 def _variants(section: str, key: str, value):
@@ -113,7 +118,7 @@ def test_the_training_fingerprint_changes_with_what_training_computes_and_nothin
 
 def test_the_training_fingerprint_hashes_the_training_core_code_only():
     hashed = _package_paths(module_files(*TRAINING_CORE))
-    assert {"core/train.py", "core/model.py", "core/transforms.py", "core/data.py",
+    assert {"core/trainer.py", "core/model.py", "core/transforms.py", "core/data.py",
             "config.py"} <= hashed
     outside_the_core = {n for n in hashed if n.startswith(("stages/", "tune/", "tools/"))}
     assert not outside_the_core and not hashed & {"tracking.py", "plots.py"}, hashed

@@ -17,7 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from cifar_alexnet.core.distributed import World
-from cifar_alexnet.core.train import load_checkpoint
+from cifar_alexnet.core.trainer import load_checkpoint
 from helpers import ROOT, dvc, make_project, run, subprocess_env, tiny_params
 
 pytestmark = pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 
 from cifar_alexnet.stages.download import fetch, md5sum, source_url
 from cifar_alexnet.errors import DataError
-from cifar_alexnet.io import OutputError
+from cifar_alexnet.files import OutputError
 from cifar_alexnet.redact import redact_url
 
 

@@ -7,7 +7,7 @@ from torch import nn
 from cifar_alexnet.config import ModelConfig
 from cifar_alexnet.core.architectures import ARCHITECTURES
 from cifar_alexnet.core.model import AlexNet, build_model, count_parameters, summary
-from cifar_alexnet.tools.bench import multiply_adds
+from cifar_alexnet.tools.throughput import multiply_adds
 
 
 @pytest.mark.parametrize("arch,input_size,flat,params", [

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.stages.prepare import prepare
-from cifar_alexnet.core.train import load_checkpoint
+from cifar_alexnet.core.trainer import load_checkpoint
 from helpers import ROOT, MlflowServer, free_port, subprocess_env, tiny_params, write_params
 
 pytestmark = pytest.mark.slow

@@ -228,7 +228,7 @@ def test_bad_archive_with_matching_md5_stops_prepare(archive, tmp_path, kind):
 def test_editing_a_tool_module_reruns_nothing_and_editing_tune_reruns_only_tune(repro):
     project, _ = repro
     package = project / "src/cifar_alexnet"
-    tools = ("tools/bench.py", "tools/synthetic.py", "tools/metrics_check.py", "tune/cli.py")
+    tools = ("tools/throughput.py", "tools/synthetic.py", "tools/metrics_check.py", "tune/cifar_study.py")
     originals = {name: (package / name).read_text() for name in (*tools, "tune/objective.py")}
     try:
         for name in tools:

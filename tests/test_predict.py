@@ -30,11 +30,11 @@ from PIL import ExifTags, Image
 from cifar_alexnet.config import ModelConfig
 from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.core.model import FlipTTA, build_model
-from cifar_alexnet.core.train import predict
+from cifar_alexnet.core.trainer import batched_logits
 from cifar_alexnet.core.transforms import fit_to_input
 from cifar_alexnet.errors import DataError
 from cifar_alexnet.pictures import PictureError
-from cifar_alexnet.predict import read_image
+from cifar_alexnet.cifar_predict import read_image
 from cifar_alexnet.stages.artifacts import load_trained_model, save_trained_model
 from helpers import run, subprocess_env, tiny_params, write_params
 
@@ -107,7 +107,7 @@ def model_project(archive, tmp_path_factory):
 
 
 def cifar_predict(*args: str, cwd) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "cifar_alexnet.predict", *args], cwd=cwd)
+    return run([sys.executable, "-m", "cifar_alexnet.cifar_predict", *args], cwd=cwd)
 
 
 def test_predicts_what_the_model_with_flip_tta_gives_in_every_format(model_project, test_images):
@@ -116,7 +116,7 @@ def test_predicts_what_the_model_with_flip_tta_gives_in_every_format(model_proje
     (pictures / "nested").mkdir(parents=True)
     for i, image in enumerate(test_images[:4]):
         save_png(pictures / ("nested" if i % 2 else ".") / f"{i}.png", image)
-    expected = torch.softmax(predict(FlipTTA(model), torch.from_numpy(test_images[:4]), 8), 1)
+    expected = torch.softmax(batched_logits(FlipTTA(model), torch.from_numpy(test_images[:4]), 8), 1)
 
     # --batch-size 3: the four pictures are two batches, each printed when it is scored, and
     # every format is still one document: one JSON array, one CSV header, one table header
@@ -153,7 +153,7 @@ def test_without_tta_the_plain_model_answers(model_project, test_images):
     save_png(root / "one.png", test_images[0])
     result = cifar_predict("one.png", "--format", "json", "--set", "evaluate.flip_tta=false",
                            cwd=root)
-    plain = torch.softmax(predict(model, torch.from_numpy(test_images[:1]), 8), 1)[0]
+    plain = torch.softmax(batched_logits(model, torch.from_numpy(test_images[:1]), 8), 1)[0]
     assert json.loads(result.stdout)[0]["predictions"][0]["probability"] == pytest.approx(
         plain.max().item(), abs=1e-5)
 
@@ -195,7 +195,7 @@ def run_measured(args: list[str], cwd: Path, timeout: float = 180) -> tuple[
     """cifar-predict's result and its peak resident memory in bytes: wait4 reports that child's
     own (RUSAGE_CHILDREN would be the largest of every child this test process has had)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        child = subprocess.Popen([sys.executable, "-m", "cifar_alexnet.predict", *args], cwd=cwd,
+        child = subprocess.Popen([sys.executable, "-m", "cifar_alexnet.cifar_predict", *args], cwd=cwd,
                                  env=subprocess_env(), stdout=out, stderr=err)
         deadline = time.monotonic() + timeout
         while not (waited := os.wait4(child.pid, os.WNOHANG))[0]:
@@ -372,7 +372,7 @@ def start_predict(args: list[str], cwd: Path, **popen) -> tuple[subprocess.Popen
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 4096)
     try:
-        child = subprocess.Popen([sys.executable, "-m", "cifar_alexnet.predict", *args], cwd=cwd,
+        child = subprocess.Popen([sys.executable, "-m", "cifar_alexnet.cifar_predict", *args], cwd=cwd,
                                  env=subprocess_env(), stdout=write_end, **popen)
     finally:
         os.close(write_end)
@@ -476,7 +476,7 @@ def test_a_reader_that_stops_reading_ends_it_quietly(model_project, test_images,
     """`cifar-predict … | head`: when the reader goes away, no BrokenPipeError traceback."""
     root, _ = model_project
     files = pictures_named(tmp_path / "piped", test_images, 4, "picture")
-    child = subprocess.Popen([sys.executable, "-m", "cifar_alexnet.predict", *files,
+    child = subprocess.Popen([sys.executable, "-m", "cifar_alexnet.cifar_predict", *files,
                               "--batch-size", "1"], cwd=root, env=subprocess_env(),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     child.stdout.close()  # the reader is gone before the first result is written

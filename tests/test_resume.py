@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from cifar_alexnet.stages.train import resumable_checkpoint
-from cifar_alexnet.core.train import load_checkpoint, save_checkpoint
+from cifar_alexnet.core.trainer import load_checkpoint, save_checkpoint
 from helpers import dvc, make_project, subprocess_env, tiny_params
 
 pytestmark = pytest.mark.slow

@@ -128,7 +128,7 @@ def test_predict_and_serve_the_champion_from_the_shared_registry(team, team_serv
     test = load_split(project / "data/prepared", "test")
     for i in range(3):
         Image.fromarray(np.transpose(test.images[i], (1, 2, 0))).save(tmp_path / f"{i}.png")
-    predicted = command([sys.executable, "-m", "cifar_alexnet.predict", str(tmp_path),
+    predicted = command([sys.executable, "-m", "cifar_alexnet.cifar_predict", str(tmp_path),
                          "--model", f"models:/{MODEL}@champion", "--format", "json"],
                         project, env)
     assert len(json.loads(predicted.stdout)) == 3

@@ -10,9 +10,9 @@ import torch
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.core.model import build_model
 from cifar_alexnet.core.data import load_meta, load_split
-from cifar_alexnet.core.train import (HISTORY_FIELDS, Accel, StopAfterCheckpoint,
+from cifar_alexnet.core.trainer import (HISTORY_FIELDS, Accel, StopAfterCheckpoint,
                                       TrainingDiverged, fit, kernel_settings, load_checkpoint,
-                                      predict, resolve_device, seed_everything, to_device)
+                                      batched_logits, resolve_device, seed_everything, to_device)
 
 
 def train_once(params, prepared, **train_overrides):
@@ -48,15 +48,15 @@ def test_deterministic_cpu_kernels_hold_while_fitting_and_are_restored_after(par
     fit(model, data, data, dataclasses.replace(params.train, epochs=1), 0, callbacks=[Probe()])
     assert seen == [True]
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
-    predict(model, data[0], 64)
+    batched_logits(model, data[0], 64)
     assert not torch.are_deterministic_algorithms_enabled()
 
 
-def test_predict_on_cuda_keeps_the_users_cudnn_autotuning_setting():
+def test_batched_logits_on_cuda_keeps_the_users_cudnn_autotuning_setting():
     previous = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = True
-        with kernel_settings(torch.device("cuda")):  # what predict enters (flags only, no GPU)
+        with kernel_settings(torch.device("cuda")):  # what batched_logits enters (flags only, no GPU)
             assert torch.backends.cudnn.benchmark is True
         with kernel_settings(torch.device("cuda"), cudnn_benchmark=False):  # fit, when asked
             assert torch.backends.cudnn.benchmark is False
@@ -117,9 +117,12 @@ def test_diverging_loss_stops_with_epoch_and_advice(params, prepared):
 def test_device_resolution():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
-    if not torch.cuda.is_available():
-        with pytest.raises(PipelineError, match="no CUDA GPU"):
-            resolve_device("cuda")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible here")
+def test_asking_for_cuda_without_a_gpu_names_the_problem():
+    with pytest.raises(PipelineError, match="no CUDA GPU"):
+        resolve_device("cuda")
 
 
 def test_checkpoints_are_written_by_time_and_after_the_last_epoch(params, prepared, tmp_path):
@@ -239,12 +242,12 @@ def test_label_smoothing_bounds_the_training_loss(params, prepared):
 def test_flip_tta_averages_the_logits_of_image_and_mirror(params):
     model = build_model(params.model)
     images = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8)
-    tta = predict(model, images, batch_size=4, flip_tta=True)
+    tta = batched_logits(model, images, batch_size=4, flip_tta=True)
     model.eval()
     with torch.no_grad():
         expected = (model(images) + model(images.flip(3))) / 2
     assert torch.allclose(tta, expected, atol=1e-6)
-    assert not torch.allclose(predict(model, images, batch_size=4), expected, atol=1e-6)
+    assert not torch.allclose(batched_logits(model, images, batch_size=4), expected, atol=1e-6)
 
 
 def test_speed_settings_resolve_to_exact_fp32_on_cpu_and_bf16_when_asked(params, prepared):
@@ -258,7 +261,7 @@ def test_speed_settings_resolve_to_exact_fp32_on_cpu_and_bf16_when_asked(params,
     # bf16 autocast runs the same code path on CPU; logits come back as float32.
     model, result, _ = train_once(params, prepared, precision="bf16", epochs=2)
     val = load_split(prepared, "val")
-    logits = predict(model, torch.from_numpy(val.images), 64, forced)
+    logits = batched_logits(model, torch.from_numpy(val.images), 64, forced)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     assert result.best_val_acc > 0.2
 
@@ -284,4 +287,4 @@ def test_compiled_training_checkpoints_load_into_an_uncompiled_model(params, pre
     fresh = build_model(params.model, meta.mean, meta.std)
     fresh.load_state_dict(load_checkpoint(tmp_path / "c.pt")["model_state"])
     fresh.load_state_dict(result.best_state)
-    assert torch.isfinite(predict(fresh, torch.from_numpy(val.images), 64)).all()
+    assert torch.isfinite(batched_logits(fresh, torch.from_numpy(val.images), 64)).all()

@@ -255,7 +255,7 @@ def test_invalid_tune_params_are_named(archive, tmp_path, change, message):
         tune_params(archive, tmp_path, **change)
 
 
-def test_tuning_off_means_training_uses_params_yaml(archive, tmp_path):
+def test_tuning_off_leaves_training_params_as_params_yaml_has_them_and_tags_why(archive, tmp_path):
     params = tune_params(archive, tmp_path, n_trials=0)
     write_disabled(tmp_path / "tune")
     trained, tags = apply_best_params(params, tmp_path / "tune" / BEST_PARAMS_FILE)
@@ -285,7 +285,7 @@ def test_a_study_run_that_the_next_dvc_repro_would_discard_is_refused(archive, p
 
 
 def cifar_study(*args, cwd, env=None, **popen):
-    return subprocess.Popen([sys.executable, "-m", "cifar_alexnet.tune.cli", *args], cwd=cwd,
+    return subprocess.Popen([sys.executable, "-m", "cifar_alexnet.tune.cifar_study", *args], cwd=cwd,
                             env=env or subprocess_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **popen)
 

@@ -43,7 +43,7 @@ def mlflow_run(project: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def study(project: Path, *args: str) -> subprocess.CompletedProcess:
-    return run([sys.executable, "-m", "cifar_alexnet.tune.cli", *args], cwd=project)
+    return run([sys.executable, "-m", "cifar_alexnet.tune.cifar_study", *args], cwd=project)
 
 
 def wait_for_queue(project: Path, timeout: int = 600) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from cifar_alexnet.config import ARCHS, ModelConfig
 from cifar_alexnet.core.data import load_meta, load_split
 from cifar_alexnet.core.architectures import ARCHITECTURES
 from cifar_alexnet.core.model import build_model, count_parameters, summary
-from cifar_alexnet.core.train import fit, seed_everything, to_device
+from cifar_alexnet.core.trainer import fit, seed_everything, to_device
 
 TOUR = [a for a in ARCHS if a != "alexnet_paper"]  # 227 x 227: its own tests in test_model.py
 SMALL = 0.125

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from cifar_alexnet.config import Params, params_from_dict
 from cifar_alexnet.errors import PipelineError
-from cifar_alexnet.io import write_text
+from cifar_alexnet.files import write_text
 
 # The tuned keys, named as in params.yaml (they are also Optuna's parameter names).
 LR, DROPOUT = "train.lr", "model.dropout"

@@ -12,7 +12,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cifar_alexnet.io import atomic_path
+from cifar_alexnet.files import atomic_path
 
 
 def confusion_figure(counts: np.ndarray, normalized: np.ndarray,

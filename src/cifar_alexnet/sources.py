@@ -18,7 +18,7 @@ PACKAGE = PACKAGE_DIR.name
 
 
 def _file_of(module: str) -> Path | None:
-    """``core.train`` -> core/train.py, ``core`` -> core/__init__.py; None outside the package."""
+    """``core.trainer`` -> core/trainer.py, ``core`` -> core/__init__.py; None outside the package."""
     base = PACKAGE_DIR.joinpath(*module.split(".")) if module else PACKAGE_DIR
     for candidate in (base.with_suffix(".py"), base / "__init__.py"):
         if candidate.is_file():
@@ -58,11 +58,14 @@ def _imported_modules(source: Path, module: str | None) -> set[str]:
 
 
 def module_files(*entries: str | Path) -> list[Path]:
-    """The package files that ``entries`` (dotted module names such as ``"core.train"``, or
+    """The package files that ``entries`` (dotted module names such as ``"core.trainer"``, or
     script paths) import, directly or not, with every ``__init__.py`` Python runs on the way;
     sorted."""
     todo = [(Path(e), None) if isinstance(e, Path) or str(e).endswith(".py")
             else (_file_of(str(e)), str(e)) for e in entries]
+    unknown = [str(e) for e, (path, _) in zip(entries, todo) if path is None or not path.is_file()]
+    if unknown:  # a renamed module would otherwise drop out of a fingerprint silently
+        raise ValueError(f"no module or script {', '.join(unknown)} in {PACKAGE}")
     seen: set[Path] = set()
     while todo:
         path, module = todo.pop()

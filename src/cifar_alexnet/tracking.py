@@ -38,7 +38,7 @@ from mlflow.models import infer_signature
 from cifar_alexnet.config import Params, flatten
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.redact import redact_url
-from cifar_alexnet.core.train import StopAfterCheckpoint
+from cifar_alexnet.core.trainer import StopAfterCheckpoint
 from cifar_alexnet.workspace import dvc_experiment_tags, project_root
 
 log = logging.getLogger(__name__)

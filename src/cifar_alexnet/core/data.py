@@ -15,7 +15,7 @@ import numpy as np
 
 from cifar_alexnet.core.archive import Batch
 from cifar_alexnet.errors import DataError
-from cifar_alexnet.io import read_json
+from cifar_alexnet.files import read_json
 
 SPLITS = ("train", "val", "test")
 META_NAME = "meta.json"

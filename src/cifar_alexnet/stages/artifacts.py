@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from cifar_alexnet.config import ModelConfig
 from cifar_alexnet.core.model import Classifier, build_model
-from cifar_alexnet.core.train import load_checkpoint, save_checkpoint
+from cifar_alexnet.core.trainer import load_checkpoint, save_checkpoint
 from cifar_alexnet.errors import DataError
 
 MODEL_FILE = "model.pt"

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from cifar_alexnet.config import DATA_PASSWORD_ENV, DATA_URL_ENV, DATA_USER_ENV
 from cifar_alexnet.errors import DataError
-from cifar_alexnet.io import atomic_path, remove_dead_writers_files
+from cifar_alexnet.files import atomic_path, remove_dead_writers_files
 from cifar_alexnet.redact import redact_url
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,8 @@ from cifar_alexnet import tracking
 from cifar_alexnet.config import Params
 from cifar_alexnet.core.data import load_meta, load_split
 from cifar_alexnet.core.model import FlipTTA
-from cifar_alexnet.core.train import Accel, predict, resolve_device, to_device
-from cifar_alexnet.io import atomic_dir, atomic_path, write_json, write_text
+from cifar_alexnet.core.trainer import Accel, batched_logits, resolve_device, to_device
+from cifar_alexnet.files import atomic_dir, atomic_path, write_json, write_text
 from cifar_alexnet.plots import (confusion_figure, image_grid_figure, per_class_accuracy_figure,
                                  save)
 
@@ -140,7 +140,7 @@ def evaluate_stage(params: Params, prepared_dir: Path, model_dir: Path, metrics_
         evaluated = FlipTTA(model) if params.evaluate.flip_tta else model
         evaluated.to(device)
         images, labels = to_device(test.images, test.labels, device)
-        logits = predict(evaluated, images, params.evaluate.batch_size,
+        logits = batched_logits(evaluated, images, params.evaluate.batch_size,
                          Accel.for_config(params.train, device))
         evaluation = evaluate_logits(logits, labels, meta.class_names)
         log.info("test: %s", ", ".join(f"{k} {v:.4f}" for k, v in evaluation.metrics.items()))

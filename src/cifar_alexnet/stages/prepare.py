@@ -12,7 +12,7 @@ from cifar_alexnet.core.archive import REPLACE_HINT, Batch, Cifar10
 from cifar_alexnet.core.cifar10 import NUM_CLASSES
 from cifar_alexnet.core.data import META_NAME, SPLITS, DatasetMeta
 from cifar_alexnet.errors import DataError
-from cifar_alexnet.io import atomic_dir, atomic_path, write_json
+from cifar_alexnet.files import atomic_dir, atomic_path, write_json
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,10 @@ from cifar_alexnet.core.data import DatasetMeta, load_meta, load_split
 from cifar_alexnet.core.model import build_model, count_parameters, summary
 from cifar_alexnet.core.distributed import (World, current_world, process_group,
                                             share_from_main, training_device)
-from cifar_alexnet.core.train import (HISTORY_FIELDS, TrainResult, fit, load_checkpoint,
+from cifar_alexnet.core.trainer import (HISTORY_FIELDS, TrainResult, fit, load_checkpoint,
                                       save_checkpoint, seed_everything, to_device)
 from cifar_alexnet.core.transforms import CROP_PADDING, random_crop_flip
-from cifar_alexnet.io import write_json, write_text
+from cifar_alexnet.files import write_json, write_text
 from cifar_alexnet.plots import history_figure, image_grid_figure, save as save_figure
 from cifar_alexnet.sources import module_files
 
@@ -84,7 +84,7 @@ def apply_best_params(params: Params, best_params_path: Path | None,
 
 # The modules whose code decides what training computes (and so whether a checkpoint may be
 # resumed); with everything they import (sources.module_files).
-TRAINING_CORE = ("core.train", "core.model", "core.data")
+TRAINING_CORE = ("core.trainer", "core.model", "core.data")
 
 
 def training_fingerprint(params: Params) -> str:

@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import yaml
 
 from cifar_alexnet.config import flatten
-from cifar_alexnet.io import write_json
+from cifar_alexnet.files import write_json
 
 CHECK_KEYS = {"abs", "rel", "min", "why"}
 

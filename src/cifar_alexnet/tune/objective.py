@@ -18,7 +18,7 @@ from cifar_alexnet.config import Params
 from cifar_alexnet.core.architectures import ARCHITECTURES
 from cifar_alexnet.core.data import load_meta, load_split
 from cifar_alexnet.core.model import build_model
-from cifar_alexnet.core.train import (TrainingDiverged, fit, resolve_device, seed_everything,
+from cifar_alexnet.core.trainer import (TrainingDiverged, fit, resolve_device, seed_everything,
                                       to_device)
 from cifar_alexnet.redact import redact_url
 

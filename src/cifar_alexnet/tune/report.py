@@ -17,7 +17,7 @@ from cifar_alexnet.best_params import (BEST_PARAMS_FILE, DROPOUT, LR, load_best_
                                       write_best_params)
 from cifar_alexnet.config import Params
 from cifar_alexnet.errors import PipelineError
-from cifar_alexnet.io import write_json, write_text
+from cifar_alexnet.files import write_json, write_text
 from cifar_alexnet.plots import integer_x_axis, save as save_figure
 from cifar_alexnet.redact import redact_url
 

@@ -38,7 +38,8 @@ from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.core.model import build_model, count_parameters, forward_flops
 from cifar_alexnet.core.data import SPLITS, load_meta, load_split
 from cifar_alexnet.stages.prepare import prepare
-from cifar_alexnet.core.train import Accel, fit, make_optimizer, predict, seed_everything, to_device
+from cifar_alexnet.core.trainer import (Accel, batched_logits, fit, make_optimizer, seed_everything,
+                                        to_device)
 
 log = logging.getLogger(__name__)
 
@@ -534,7 +535,7 @@ def stage_wall_time(params: Params, data: BenchData, device: torch.device,
 
     ``overhead`` is everything but the loop, as a fraction of the loop.
     """
-    from cifar_alexnet.core import train as train_module
+    from cifar_alexnet.core import trainer
     from cifar_alexnet.stages.artifacts import save_trained_model
 
     cfg = dataclasses.replace(params.train, epochs=epochs)
@@ -551,8 +552,8 @@ def stage_wall_time(params: Params, data: BenchData, device: torch.device,
         with split.measure("to_device"):
             train = to_device(data.train_images, data.train_labels, device)
             val = to_device(data.val_images, data.val_labels, device)
-        with split.calls_of(train_module, "predict", "evaluation"), \
-                split.calls_of(train_module, "save_checkpoint", "checkpoint"), \
+        with split.calls_of(trainer, "batched_logits", "evaluation"), \
+                split.calls_of(trainer, "save_checkpoint", "checkpoint"), \
                 split.measure("fit"):
             result = fit(model, train, val, cfg, params.base.seed,
                          checkpoint_path=Path(tmp) / "train.pt",
@@ -609,7 +610,7 @@ class TestAccuracyClock:
         self.started = time.perf_counter()
 
     def on_epoch_end(self, row: dict[str, float]) -> None:
-        logits = predict(self.model, self.images, self.batch_size, self.accel, self.flip_tta)
+        logits = batched_logits(self.model, self.images, self.batch_size, self.accel, self.flip_tta)
         acc = (logits.argmax(1) == self.labels).float().mean().item()  # .item() syncs the GPU
         seconds = time.perf_counter() - self.started
         self.rows.append({"epoch": row["epoch"], "seconds": seconds, "test_acc": acc,

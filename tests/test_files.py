@@ -16,7 +16,7 @@ import pytest
 
 from helpers import subprocess_env
 from cifar_alexnet.errors import PipelineError
-from cifar_alexnet.io import OutputError, atomic_dir, atomic_path, write_json, write_text
+from cifar_alexnet.files import OutputError, atomic_dir, atomic_path, write_json, write_text
 
 
 def leftovers(directory):
@@ -81,7 +81,7 @@ def test_file_too_large_keeps_the_previous_file(tmp_path):
     child = python("""
         import sys
         from cifar_alexnet.errors import PipelineError
-        from cifar_alexnet.io import write_text
+        from cifar_alexnet.files import write_text
         try:
             write_text(sys.argv[1], "epoch,loss\\n" + "2,0.4\\n" * 100_000)
         except PipelineError as exc:
@@ -116,7 +116,7 @@ def test_killed_writer_leaves_the_previous_file_or_the_new_one_whole(tmp_path):
     for delay in (0.2, 0.4, 0.6):
         child = python("""
             import itertools, sys
-            from cifar_alexnet.io import write_text
+            from cifar_alexnet.files import write_text
             for i in itertools.count(1):
                 write_text(sys.argv[1], str(i % 10) * int(sys.argv[2]))
         """, str(target), str(version))
@@ -217,7 +217,7 @@ def test_killed_directory_writer_never_leaves_a_mix_of_versions(tmp_path):
     for delay in (0.2, 0.35, 0.5):
         child = python("""
             import itertools, sys
-            from cifar_alexnet.io import atomic_dir
+            from cifar_alexnet.files import atomic_dir
             for i in itertools.count():
                 with atomic_dir(sys.argv[1], replaces=sys.argv[2:]) as tmp:
                     for name in sys.argv[2:]:
@@ -243,7 +243,7 @@ def test_killed_directory_writer_never_leaves_a_mix_of_versions(tmp_path):
 
 _WRITER = """
 import os, signal, sys, time
-from cifar_alexnet.io import atomic_path
+from cifar_alexnet.files import atomic_path
 with atomic_path(sys.argv[1]) as tmp:
     tmp.write_bytes(b"x" * 1000)
     print(tmp, flush=True)
@@ -289,7 +289,7 @@ def test_outputs_get_the_modes_the_users_umask_gives(tmp_path, umask, file_mode,
     writer = python("""
         import os, sys
         from pathlib import Path
-        from cifar_alexnet.io import atomic_dir, atomic_path, write_text
+        from cifar_alexnet.files import atomic_dir, atomic_path, write_text
         os.umask(int(sys.argv[2], 8))
         out = Path(sys.argv[1])
         write_text(out / "metrics.json", "{}")

@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from cifar_alexnet.cli import TUNING_INTERRUPTED, parse_params, run_stage, stage_parser
+from cifar_alexnet.stage_runner import TUNING_INTERRUPTED, parse_params, run_stage, stage_parser
 from cifar_alexnet.errors import ConfigError
 from cifar_alexnet.redact import redact_url
 

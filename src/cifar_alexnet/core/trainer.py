@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from cifar_alexnet.config import TrainConfig
 from cifar_alexnet.errors import PipelineError
-from cifar_alexnet.io import atomic_path
+from cifar_alexnet.files import atomic_path
 from cifar_alexnet.core.distributed import (World, all_sum, current_world, from_main,
                                             sync_buffers, training_device)
 from cifar_alexnet.core.model import FlipTTA
@@ -69,7 +69,7 @@ def kernel_settings(device: torch.device, cudnn_benchmark: bool | None = None
                     ) -> Iterator[None]:
     """Deterministic kernels on CPU (bit-identical reruns), cuDNN autotuning on CUDA as asked
     (None: as the process has it); the process's previous settings come back on exit, so a
-    caller of fit/predict (a notebook, another library's tests) keeps its own."""
+    caller of fit/batched_logits (a notebook, another library's tests) keeps its own."""
     previous = (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark)
@@ -120,8 +120,8 @@ class Accel:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int,
-            accel: Accel | None = None, flip_tta: bool = False) -> torch.Tensor:
+def batched_logits(model: nn.Module, images: torch.Tensor, batch_size: int,
+                   accel: Accel | None = None, flip_tta: bool = False) -> torch.Tensor:
     """Float32 logits (N, classes) for images on the model's device, in eval mode.
 
     ``flip_tta`` averages the logits of each image and its mirror image (:class:`FlipTTA`).
@@ -321,7 +321,7 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
                 f"training loss became {train_loss} in epoch {epoch} (train.lr={cfg.lr}); "
                 "lower train.lr (e.g. by 10x) and run again")
         val_loss, val_acc = loss_and_accuracy(
-            predict(model, val_images, eval_batch_size, accel), val_labels)
+            batched_logits(model, val_images, eval_batch_size, accel), val_labels)
         row = {"epoch": epoch, "train_loss": train_loss, "train_acc": correct.item() / n,
                "val_loss": val_loss, "val_acc": val_acc, "lr": lr,
                "seconds": time.perf_counter() - started}

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence, TextIO
 
-from cifar_alexnet.cli import parse_params, run_stage, stage_parser
+from cifar_alexnet.stage_runner import parse_params, run_stage, stage_parser
 from cifar_alexnet.core.cifar10 import IMAGE_SHAPE
 from cifar_alexnet.errors import PipelineError
 
@@ -89,14 +89,14 @@ def local_model(model_dir: Path, flip_tta: bool, device_name: str,
                 batch_size: int) -> tuple[Scorer, list[str]]:
     """The model the train stage wrote, evaluated as the evaluate stage does."""
     from cifar_alexnet.core.model import FlipTTA
-    from cifar_alexnet.core.train import Accel, predict, resolve_device
+    from cifar_alexnet.core.trainer import Accel, batched_logits, resolve_device
     from cifar_alexnet.stages.artifacts import load_trained_model
 
     model, payload = load_trained_model(model_dir)
     device = resolve_device(device_name)
     evaluated = (FlipTTA(model) if flip_tta else model).to(device)
     accel = Accel(device)
-    return (lambda images: predict(evaluated, images.to(device), batch_size, accel).cpu(),
+    return (lambda images: batched_logits(evaluated, images.to(device), batch_size, accel).cpu(),
             list(payload["class_names"]))
 
 
