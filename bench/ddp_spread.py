@@ -33,11 +33,11 @@ from cifar_alexnet.tools import throughput
 def train(params, data: throughput.BenchData, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """One training (of this process's world); its summary and final weights (on the CPU)."""
     device = training_device(params.train.device, current_world())
-    seed_everything(seed, device)
+    seed_everything(seed)
     model = build_model(params.model, data.mean, data.std).to(device)
-    result = fit(model, to_device(data.train_images, data.train_labels, device),
-                 to_device(data.val_images, data.val_labels, device), params.train, seed,
-                 eval_batch_size=params.evaluate.batch_size)
+    result = fit(model, (to_device(data.train_images, data.train_labels, device),
+                         to_device(data.val_images, data.val_labels, device)),
+                 params.train, seed=seed, eval_batch_size=params.evaluate.batch_size)
     last = result.history[-1]
     summary = {"best_val_acc": result.best_val_acc, "final_val_acc": last["val_acc"],
                "final_train_loss": last["train_loss"]}

@@ -40,17 +40,17 @@ def tour(params, data: throughput.BenchData, archs: list[str]) -> list[dict]:
     rows = []
     for arch in archs:
         run = dataclasses.replace(params, model=dataclasses.replace(params.model, arch=arch))
-        seed_everything(run.base.seed, device)
+        seed_everything(run.base.seed)
         model = build_model(run.model, data.mean, data.std)
         gflop = forward_flops(model) / 1e9
         model.to(device)
         started = time.perf_counter()
-        result = fit(model, train, val, run.train, run.base.seed,
+        result = fit(model, (train, val), run.train, seed=run.base.seed,
                      eval_batch_size=run.evaluate.batch_size)
         seconds = time.perf_counter() - started
         model.load_state_dict(result.best_state)
         logits = batched_logits(model, test_images, run.evaluate.batch_size,
-                         Accel.for_config(run.train, device), flip_tta=run.evaluate.flip_tta)
+                                Accel.for_config(run.train, device), flip_tta=run.evaluate.flip_tta)
         metrics = evaluate_logits(logits, test_labels, [str(i) for i in range(10)]).metrics
         epochs = len(result.history)
         rows.append({"arch": arch, "parameters": count_parameters(model), "gflop": gflop,

@@ -217,7 +217,7 @@ class SlowLogger:
 def test_stage_wall_time_splits_the_stage_into_its_parts(short, small, monkeypatch):
     from cifar_alexnet.core import trainer
 
-    helpers = trainer.batched_logits, trainer.save_checkpoint
+    helpers = trainer.batched_logits, trainer.save_tensors
     monkeypatch.setattr(throughput, "_stage_tracking",
                         lambda params, directory: contextlib.nullcontext([SlowLogger()]))
     # short: checkpoint_seconds 0, so a checkpoint after each of the 2 epochs
@@ -233,7 +233,7 @@ def test_stage_wall_time_splits_the_stage_into_its_parts(short, small, monkeypat
     assert result["checkpoints"] == 2 and result["checkpoint_bytes"] > 0
     assert result["mlflow_logging"] is True  # a logging callback was there
     assert [row["epoch"] for row in result["history"]] == [1, 2]
-    assert (trainer.batched_logits, trainer.save_checkpoint) == helpers  # put back
+    assert (trainer.batched_logits, trainer.save_tensors) == helpers  # put back
 
 
 def test_generated_data_has_the_sizes_and_statistics_asked_for(monkeypatch):

@@ -13,8 +13,9 @@ import torch
 
 from cifar_alexnet.core.data import load_meta, load_split
 from cifar_alexnet.core.model import build_model
-from cifar_alexnet.core.trainer import (Accel, StopAfterCheckpoint, fit, load_checkpoint,
-                                      make_optimizer, batched_logits, seed_everything, to_device)
+from cifar_alexnet.core.trainer import (Accel, Checkpoint, Checkpointer, StopAfterCheckpoint,
+                                        batched_logits, fit, make_optimizer, seed_everything,
+                                        to_device)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),
@@ -34,14 +35,14 @@ def gpu_cfg(params, **overrides):
 
 
 def new_model(params, meta, device=CUDA, seed=0):
-    seed_everything(seed, device)
+    seed_everything(seed)
     return build_model(params.model, meta.mean, meta.std).to(device)
 
 
 def test_bf16_training_learns_and_reports_its_peak_memory(params, splits, record_property):
     train, val, meta = splits
     torch.cuda.reset_peak_memory_stats()
-    result = fit(new_model(params, meta), train, val, gpu_cfg(params, precision="bf16"), 0)
+    result = fit(new_model(params, meta), (train, val), gpu_cfg(params, precision="bf16"), seed=0)
     peak = torch.cuda.max_memory_allocated()
     record_property("peak_gpu_memory_bytes", peak)
     print(f"peak GPU memory {peak / 2**20:.1f} MiB")
@@ -107,14 +108,14 @@ class _StopAfter:
 def test_a_resumed_gpu_training_continues_where_it_stopped(params, splits, tmp_path):
     train, val, meta = splits
     cfg = gpu_cfg(params, epochs=4)
-    straight = fit(new_model(params, meta), train, val, cfg, 0)
+    straight = fit(new_model(params, meta), (train, val), cfg, seed=0)
     path = tmp_path / "train.pt"
     with pytest.raises(StopAfterCheckpoint):
-        fit(new_model(params, meta), train, val, cfg, 0, checkpoint_path=path,
-            callbacks=[_StopAfter(2)])
-    checkpoint = load_checkpoint(path)
-    assert checkpoint["epoch"] == 2
-    resumed = fit(new_model(params, meta, seed=123), train, val, cfg, 0, resume=checkpoint)
+        fit(new_model(params, meta), (train, val), cfg, seed=0, callbacks=[_StopAfter(2)],
+            checkpointer=Checkpointer(path))
+    checkpoint = Checkpoint.load(path)
+    assert checkpoint.epoch == 2
+    resumed = fit(new_model(params, meta, seed=123), (train, val), cfg, seed=0, resume=checkpoint)
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4]
     # not bit-identical on a GPU (atomics in the backward), but the same training
     for a, b in zip(resumed.history, straight.history):
@@ -125,7 +126,7 @@ def test_a_resumed_gpu_training_continues_where_it_stopped(params, splits, tmp_p
 def test_gpu_evaluation_agrees_with_the_cpu(params, splits, exact_fp32):
     train, val, meta = splits
     model = new_model(params, meta)
-    fit(model, train, val, gpu_cfg(params, epochs=2), 0)
+    fit(model, (train, val), gpu_cfg(params, epochs=2), seed=0)
     images = val[0]
     on_gpu = batched_logits(model.eval(), images, 500, Accel(CUDA), flip_tta=True).cpu()
     on_cpu = batched_logits(model.cpu(), images.cpu(), 500, Accel(torch.device("cpu")), flip_tta=True)

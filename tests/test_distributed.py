@@ -17,7 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from cifar_alexnet.core.distributed import World
-from cifar_alexnet.core.trainer import load_checkpoint
+from cifar_alexnet.core.trainer import Checkpoint
 from helpers import ROOT, dvc, make_project, run, subprocess_env, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -77,7 +77,7 @@ def test_two_process_stage_is_one_run_and_resumes_after_a_rank_is_killed(archive
     checkpoint = project / "checkpoints/train.pt"
     deadline = time.monotonic() + 300
     try:
-        while not (checkpoint.is_file() and load_checkpoint(checkpoint)["epoch"] >= 2):
+        while not (checkpoint.is_file() and Checkpoint.load(checkpoint).epoch >= 2):
             assert repro.poll() is None and time.monotonic() < deadline, repro.stdout.read()
             time.sleep(0.2)
         (rank1,) = rank_pids(project, 1)
@@ -92,7 +92,7 @@ def test_two_process_stage_is_one_run_and_resumes_after_a_rank_is_killed(archive
                       "stopped; rank 0's last checkpoint keeps the finished epochs: run the "
                       "stage again to resume"], output[-3000:]
     assert "Traceback" not in output
-    stopped_at = load_checkpoint(checkpoint)["epoch"]
+    stopped_at = Checkpoint.load(checkpoint).epoch
 
     again = dvc("repro", cwd=project)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]

@@ -14,7 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.stages.prepare import prepare
-from cifar_alexnet.core.trainer import load_checkpoint
+from cifar_alexnet.core.trainer import Checkpoint
 from helpers import ROOT, MlflowServer, free_port, subprocess_env, tiny_params, write_params
 
 pytestmark = pytest.mark.slow
@@ -89,9 +89,9 @@ def test_a_server_lost_mid_training_keeps_the_epoch_and_the_rerun_resumes(workdi
     assert f"the MLflow tracking store {server.uri} failed after epoch" in line
     assert "dvc repro" in line and "resumes" in line
     assert seconds < 60, seconds
-    checkpoint = load_checkpoint(workdir / "checkpoints/train.pt")
+    checkpoint = Checkpoint.load(workdir / "checkpoints/train.pt")
     lost_at = int(line.split("failed after epoch ")[1].split()[0])
-    assert EPOCHS > checkpoint["epoch"] == lost_at >= KILL_AFTER  # the failed epoch is kept
+    assert EPOCHS > checkpoint.epoch == lost_at >= KILL_AFTER  # the failed epoch is kept
     assert not (workdir / "models").exists()
 
     server.start()  # the server is back, with everything it had stored
@@ -101,7 +101,7 @@ def test_a_server_lost_mid_training_keeps_the_epoch_and_the_rerun_resumes(workdi
     assert f"epoch {lost_at + 1}/{EPOCHS}" in result.stderr
     assert f"epoch {lost_at}/{EPOCHS}" not in result.stderr  # not trained again
     client = MlflowClient(server.uri)
-    run = client.get_run(checkpoint["mlflow_run_id"])  # the same run, continued
+    run = client.get_run(checkpoint.owner["mlflow_run_id"])  # the same run, continued
     assert run.info.status == "FINISHED"
     assert run.data.tags["resumed_from_epoch"] == str(lost_at)
     steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/acc"))

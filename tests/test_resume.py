@@ -17,7 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from cifar_alexnet.stages.train import resumable_checkpoint
-from cifar_alexnet.core.trainer import load_checkpoint, save_checkpoint
+from cifar_alexnet.core.trainer import Checkpoint
 from helpers import dvc, make_project, subprocess_env, tiny_params
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ def resume_params(archive):
 
 def checkpoint_epoch(project: Path) -> int:
     try:
-        return load_checkpoint(project / CHECKPOINT)["epoch"]
+        return Checkpoint.load(project / CHECKPOINT).epoch
     except (FileNotFoundError, RuntimeError, EOFError):
         return 0
 
@@ -123,9 +123,9 @@ def test_checkpoint_of_other_params_or_code_is_not_resumed_and_its_run_is_closed
         client = MlflowClient()
         left_running = client.create_run(client.create_experiment("e")).info.run_id
         path = tmp_path / "train.pt"
-        save_checkpoint(path, {"epoch": 3, "fingerprint": "old", "mlflow_run_id": left_running,
-                               "model_state": {"w": torch.zeros(1)}})
-        assert resumable_checkpoint(path, "old")["epoch"] == 3
+        Checkpoint({"fingerprint": "old", "mlflow_run_id": left_running}, epoch=3,
+                   model_state={"w": torch.zeros(1)}).save(path)
+        assert resumable_checkpoint(path, "old").epoch == 3
         assert resumable_checkpoint(path, "new") is None
         assert client.get_run(left_running).info.status == "KILLED"
         path.write_bytes(b"not a checkpoint")

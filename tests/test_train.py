@@ -10,15 +10,16 @@ import torch
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.core.model import build_model
 from cifar_alexnet.core.data import load_meta, load_split
-from cifar_alexnet.core.trainer import (HISTORY_FIELDS, Accel, StopAfterCheckpoint,
-                                      TrainingDiverged, fit, kernel_settings, load_checkpoint,
-                                      batched_logits, resolve_device, seed_everything, to_device)
+from cifar_alexnet.core.trainer import (HISTORY_FIELDS, Accel, Checkpoint, Checkpointer,
+                                        StopAfterCheckpoint, TrainingDiverged, batched_logits,
+                                        fit, kernel_settings, resolve_device, seed_everything,
+                                        to_device)
 
 
 def train_once(params, prepared, **train_overrides):
     cfg = dataclasses.replace(params.train, **train_overrides)
     device = torch.device("cpu")
-    seed_everything(params.base.seed, device)
+    seed_everything(params.base.seed)
     meta = load_meta(prepared)
     model = build_model(params.model, meta.mean, meta.std)
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
@@ -28,8 +29,8 @@ def train_once(params, prepared, **train_overrides):
         def on_epoch_end(self, row):
             rows.append(row)
 
-    result = fit(model, to_device(train.images, train.labels, device),
-                 to_device(val.images, val.labels, device), cfg, params.base.seed,
+    result = fit(model, (to_device(train.images, train.labels, device),
+                         to_device(val.images, val.labels, device)), cfg, seed=params.base.seed,
                  callbacks=[Recorder()])
     return model, result, rows
 
@@ -45,7 +46,8 @@ def test_deterministic_cpu_kernels_hold_while_fitting_and_are_restored_after(par
     model = build_model(params.model)
     split = load_split(prepared, "val")
     data = to_device(split.images, split.labels, torch.device("cpu"))
-    fit(model, data, data, dataclasses.replace(params.train, epochs=1), 0, callbacks=[Probe()])
+    fit(model, (data, data), dataclasses.replace(params.train, epochs=1), seed=0,
+        callbacks=[Probe()])
     assert seen == [True]
     assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting is back
     batched_logits(model, data[0], 64)
@@ -56,7 +58,7 @@ def test_batched_logits_on_cuda_keeps_the_users_cudnn_autotuning_setting():
     previous = torch.backends.cudnn.benchmark
     try:
         torch.backends.cudnn.benchmark = True
-        with kernel_settings(torch.device("cuda")):  # what batched_logits enters (flags only, no GPU)
+        with kernel_settings(torch.device("cuda")):  # batched_logits's (flags only, no GPU)
             assert torch.backends.cudnn.benchmark is True
         with kernel_settings(torch.device("cuda"), cudnn_benchmark=False):  # fit, when asked
             assert torch.backends.cudnn.benchmark is False
@@ -95,16 +97,16 @@ def test_checkpoint_holds_model_optimizer_scheduler_epoch_and_params(params, pre
                 raise StopAfterCheckpoint("stopped for the test")
 
     with pytest.raises(StopAfterCheckpoint):
-        fit(model, to_device(train.images, train.labels, device),
-            to_device(val.images, val.labels, device), dataclasses.replace(params.train, epochs=2),
-            0, checkpoint_path=tmp_path / "checkpoint.pt",
-            checkpoint_extra={"params": params.to_dict()}, callbacks=[StopAfterEpoch1()])
-    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert checkpoint["epoch"] == 1 and not checkpoint.get("finished")
-    assert checkpoint["params"]["train"]["lr"] == params.train.lr
-    assert checkpoint["optimizer_state"]["state"] and checkpoint["scheduler_state"]["last_epoch"] > 0
+        fit(model, (to_device(train.images, train.labels, device),
+                    to_device(val.images, val.labels, device)),
+            dataclasses.replace(params.train, epochs=2), seed=0, callbacks=[StopAfterEpoch1()],
+            checkpointer=Checkpointer(tmp_path / "checkpoint.pt", {"params": params.to_dict()}))
+    checkpoint = Checkpoint.load(tmp_path / "checkpoint.pt")
+    assert checkpoint.epoch == 1 and checkpoint.resumable and not checkpoint.finished
+    assert checkpoint.owner["params"]["train"]["lr"] == params.train.lr  # the caller's, kept
+    assert checkpoint.optimizer_state["state"] and checkpoint.scheduler_state["last_epoch"] > 0
     for name, tensor in model.state_dict().items():
-        assert torch.equal(checkpoint["model_state"][name], tensor)
+        assert torch.equal(checkpoint.model_state[name], tensor)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp files left
 
 
@@ -135,17 +137,17 @@ def test_checkpoints_are_written_by_time_and_after_the_last_epoch(params, prepar
 
     class Watcher:  # runs before the epoch's checkpoint: sees the previous one
         def on_epoch_end(self, row):
-            written.append(load_checkpoint(path)["epoch"] if path.exists() else None)
+            written.append(Checkpoint.load(path).epoch if path.exists() else None)
 
     cfg = dataclasses.replace(params.train, epochs=3, checkpoint_seconds=3600)
-    fit(build_model(params.model, meta.mean, meta.std), *data, cfg, 0, checkpoint_path=path,
-        callbacks=[Watcher()])
+    fit(build_model(params.model, meta.mean, meta.std), data, cfg, seed=0,
+        callbacks=[Watcher()], checkpointer=Checkpointer(path))
     assert written == [None, None, None]  # an hour between writes: none before the end
     written.clear()
     path.unlink()
-    fit(build_model(params.model, meta.mean, meta.std), *data,
-        dataclasses.replace(cfg, checkpoint_seconds=0), 0, checkpoint_path=path,
-        callbacks=[Watcher()])
+    fit(build_model(params.model, meta.mean, meta.std), data,
+        dataclasses.replace(cfg, checkpoint_seconds=0), seed=0, callbacks=[Watcher()],
+        checkpointer=Checkpointer(path))
     assert written == [None, 1, 2]  # 0: after every epoch
 
 
@@ -166,24 +168,41 @@ def test_the_checkpoint_after_the_last_epoch_holds_only_what_is_left_to_do(param
             if row["epoch"] == 3:
                 shutil.copy(final, full)
 
-    result = fit(build_model(params.model, meta.mean, meta.std), *data, cfg, 0,
-                 checkpoint_path=final, callbacks=[Keep()])
-    last = load_checkpoint(final)
-    assert last["finished"] and last["epoch"] == 3
-    assert "optimizer_state" not in last and final.stat().st_size < full.stat().st_size / 2
+    result = fit(build_model(params.model, meta.mean, meta.std), data, cfg, seed=0,
+                 callbacks=[Keep()], checkpointer=Checkpointer(final))
+    last = Checkpoint.load(final)
+    assert last.finished and last.epoch == 3
+    assert last.optimizer_state is None and final.stat().st_size < full.stat().st_size / 2
     for name, tensor in result.best_state.items():
-        assert torch.equal(last["model_state"][name], tensor), name
+        assert torch.equal(last.model_state[name], tensor), name
 
     def boom(self, row):
         raise AssertionError("a finished training ran an epoch again")
 
     resumed_model = build_model(params.model, meta.mean, meta.std)
-    resumed = fit(resumed_model, *data, cfg, 0, resume=last,
+    resumed = fit(resumed_model, data, cfg, seed=0, resume=last,
                   callbacks=[type("Boom", (), {"on_epoch_end": boom})()])
     assert (resumed.best_epoch, resumed.best_val_acc, resumed.history) == (
         result.best_epoch, result.best_val_acc, result.history)
     for name, tensor in result.best_state.items():
         assert torch.equal(resumed_model.state_dict()[name], tensor), name
+
+
+def test_a_started_checkpoint_names_its_owner_and_resumes_nothing_and_other_files_are_refused(
+        params, prepared, tmp_path):
+    path = tmp_path / "c.pt"
+    Checkpointer(path, {"mlflow_run_id": "abc"}).started()
+    started = Checkpoint.load(path)
+    assert started.owner == {"mlflow_run_id": "abc"} and not started.resumable
+    model = build_model(params.model)
+    split = load_split(prepared, "val")
+    data = to_device(split.images, split.labels, torch.device("cpu"))
+    result = fit(model, (data, data), dataclasses.replace(params.train, epochs=1), seed=0,
+                 resume=started)
+    assert result.resumed_from_epoch == 0 and [r["epoch"] for r in result.history] == [1]
+    torch.save({"model_state": model.state_dict(), "class_names": []}, tmp_path / "model.pt")
+    with pytest.raises(ValueError, match="not a checkpoint written by fit"):
+        Checkpoint.load(tmp_path / "model.pt")
 
 
 def test_resume_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run(params, prepared,
@@ -195,11 +214,11 @@ def test_resume_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run(param
     cfg = dataclasses.replace(params.train, epochs=3)
 
     def fresh_model():
-        seed_everything(params.base.seed, device)
+        seed_everything(params.base.seed)
         return build_model(params.model, meta.mean, meta.std)
 
     straight_model = fresh_model()
-    straight = fit(straight_model, *data, cfg, params.base.seed)
+    straight = fit(straight_model, data, cfg, seed=params.base.seed)
 
     class StopAfter2(Exception):
         pass
@@ -210,13 +229,13 @@ def test_resume_from_a_checkpoint_is_bit_identical_to_an_uninterrupted_run(param
                 raise StopAfter2  # callbacks run before the checkpoint: epoch 1's is the last
 
     with pytest.raises(StopAfter2):
-        fit(fresh_model(), *data, cfg, params.base.seed, checkpoint_path=tmp_path / "c.pt",
-            callbacks=[Kill()])
+        fit(fresh_model(), data, cfg, seed=params.base.seed, callbacks=[Kill()],
+            checkpointer=Checkpointer(tmp_path / "c.pt"))
     # A new process: different global RNG state until the checkpoint restores it.
     torch.manual_seed(12345)
     resumed_model = build_model(params.model, meta.mean, meta.std)
-    resumed = fit(resumed_model, *data, cfg, params.base.seed,
-                  resume=load_checkpoint(tmp_path / "c.pt"))
+    resumed = fit(resumed_model, data, cfg, seed=params.base.seed,
+                  resume=Checkpoint.load(tmp_path / "c.pt"))
     assert resumed.resumed_from_epoch == 1
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
     strip = [{k: v for k, v in r.items() if k != "seconds"} for r in straight.history]
@@ -276,15 +295,15 @@ def test_compiled_training_checkpoints_load_into_an_uncompiled_model(params, pre
     assert len(train.labels) % params.train.batch_size  # a last, shorter batch
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    result = fit(model, to_device(train.images, train.labels, device),
-                 to_device(val.images, val.labels, device),
-                 dataclasses.replace(params.train, epochs=2, compile=True), 0,
-                 checkpoint_path=tmp_path / "c.pt")
+    result = fit(model, (to_device(train.images, train.labels, device),
+                         to_device(val.images, val.labels, device)),
+                 dataclasses.replace(params.train, epochs=2, compile=True), seed=0,
+                 checkpointer=Checkpointer(tmp_path / "c.pt"))
     # The training step only, one graph per batch shape (the full one and the last, shorter
     # one), compiled once for both epochs; validation (eval mode, its own batch sizes) runs
     # uncompiled and adds none.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
     fresh = build_model(params.model, meta.mean, meta.std)
-    fresh.load_state_dict(load_checkpoint(tmp_path / "c.pt")["model_state"])
+    fresh.load_state_dict(Checkpoint.load(tmp_path / "c.pt").model_state)
     fresh.load_state_dict(result.best_state)
     assert torch.isfinite(batched_logits(fresh, torch.from_numpy(val.images), 64)).all()

@@ -66,13 +66,13 @@ def test_each_arch_learns_in_two_epochs_on_the_cpu(arch, params, prepared):
     meta = load_meta(prepared)
     train, val = load_split(prepared, "train"), load_split(prepared, "val")
     device = torch.device("cpu")
-    seed_everything(0, device)
+    seed_everything(0)
     # LeNet-5 is small at full width (62 k parameters); an eighth of it cannot learn
     width = 1.0 if arch == "lenet5" else SMALL
     model = build_model(config(arch, width, dropout=0.1), meta.mean, meta.std)
     cfg = dataclasses.replace(params.train, epochs=2)
-    result = fit(model, to_device(train.images, train.labels, device),
-                 to_device(val.images, val.labels, device), cfg, 0)
+    result = fit(model, (to_device(train.images, train.labels, device),
+                         to_device(val.images, val.labels, device)), cfg, seed=0)
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
     assert result.best_val_acc >= 0.2, result.history  # 10 classes: chance is 0.1
 

@@ -14,7 +14,7 @@ import math
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Protocol
 
@@ -57,8 +57,8 @@ def resolve_device(name: str) -> torch.device:
     return training_device(name, World())
 
 
-def seed_everything(seed: int, device: torch.device) -> None:
-    """Seed every RNG (``device``: kept for callers; CUDA's generators follow manual_seed)."""
+def seed_everything(seed: int) -> None:
+    """Seed every RNG the model's initialisation draws from (CUDA's follow torch.manual_seed)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -184,6 +184,65 @@ class TrainResult:
     resumed_from_epoch: int = 0
 
 
+@dataclass
+class Checkpoint:
+    """fit()'s state after an epoch, one file: a fit given it as ``resume`` continues after
+    ``epoch`` exactly as if it had not stopped (bit-identical on CPU).
+
+    ``owner`` is the caller's and fit stores it unread: which training the file belongs to (a
+    fingerprint, the params) and where it logs (an MLflow run id). ``Checkpoint(owner)`` alone,
+    epoch 0, says a training started and names its owner before any epoch is done. After the
+    last epoch the checkpoint is ``finished``: the best weights and the history, nothing else,
+    since nothing is left to train.
+    """
+    owner: dict[str, Any] = field(default_factory=dict)
+    epoch: int = 0
+    finished: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+    model_state: dict[str, torch.Tensor] | None = None
+    best_state: dict[str, torch.Tensor] | None = None  # None: model_state holds the best
+    optimizer_state: dict[str, Any] | None = None
+    scheduler_state: dict[str, Any] | None = None
+    rng_states: dict[str, Any] | None = None
+
+    @property
+    def resumable(self) -> bool:
+        return self.epoch > 0
+
+    def save(self, path: str | Path) -> None:
+        save_tensors(path, {f.name: getattr(self, f.name) for f in fields(self)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Checkpoint":
+        """The checkpoint at ``path``; ValueError for a file of tensors that is not one (a
+        model file, another program's state), and torch's own errors for a damaged file."""
+        payload = load_tensors(path)
+        names = {f.name for f in fields(cls)}
+        if not isinstance(payload, dict) or not isinstance(payload.get("epoch"), int) \
+                or not set(payload) <= names:
+            raise ValueError(f"{path} is not a checkpoint written by fit()")
+        return cls(**payload)
+
+
+@dataclass(frozen=True)
+class Checkpointer:
+    """Where fit() writes its :class:`Checkpoint` (atomically), with the caller's ``owner``:
+    every ``train.checkpoint_seconds`` (0: every epoch), after the last epoch, and before a
+    callback's stop. Only rank 0 of a process group writes."""
+    path: Path
+    owner: dict[str, Any] = field(default_factory=dict)
+
+    def started(self) -> None:
+        """An epoch-0 checkpoint: names the owner of a training killed in its first epoch."""
+        Checkpoint(self.owner).save(self.path)
+
+    def save(self, checkpoint: Checkpoint) -> None:
+        checkpoint.owner = self.owner
+        checkpoint.save(self.path)
+
+
 def _rng_states(order_gen: torch.Generator, augment_gen: torch.Generator) -> dict[str, Any]:
     """Every RNG a training epoch draws from: shuffling, augmentation, dropout (torch global)."""
     states = {"order": order_gen.get_state(), "augment": augment_gen.get_state(),
@@ -202,36 +261,35 @@ def _restore_rng_states(states: dict[str, Any], order_gen: torch.Generator,
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-        val: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, seed: int,
-        checkpoint_path: str | Path | None = None, checkpoint_extra: dict[str, Any] | None = None,
-        callbacks: Iterable[EpochCallback] = (), eval_batch_size: int = 1000,
-        resume: dict[str, Any] | None = None) -> TrainResult:
-    """Train ``model`` (already on the data's device) and keep its best-validation weights.
+Split = tuple[torch.Tensor, torch.Tensor]  # images (N, 3, 32, 32) uint8 and labels, on a device
 
-    Each epoch writes ``checkpoint_path`` atomically: model, optimizer, scheduler, every RNG
-    state, the best weights so far, the history and ``checkpoint_extra`` (e.g. the params).
-    Passing such a checkpoint as ``resume`` continues after its epoch exactly as if the run had
-    not stopped (bit-identical on CPU). Every callback gets each new epoch's row.
+
+def fit(model: nn.Module, data: tuple[Split, Split], cfg: TrainConfig, *, seed: int,
+        callbacks: Iterable[EpochCallback] = (), checkpointer: Checkpointer | None = None,
+        resume: Checkpoint | None = None, eval_batch_size: int = 1000) -> TrainResult:
+    """Train ``model`` (already on the data's device) on ``data`` = (train, val) and keep its
+    best-validation weights; ``seed`` draws the batch order and the augmentation.
+
+    Every callback gets each new epoch's row. ``checkpointer`` writes a :class:`Checkpoint`
+    (model, optimizer, scheduler, every RNG state, the best weights so far, the history);
+    passing one as ``resume`` continues after its epoch exactly as if the run had not stopped
+    (bit-identical on CPU).
 
     In a process group (torchrun, :mod:`.distributed`), every rank calls ``fit`` with the same
     data and config: ``cfg.batch_size`` is the global batch, each rank trains on its shard
     (DistributedDataParallel; SyncBatchNorm on CUDA), and only rank 0 runs the callbacks and
     writes the checkpoint; when a callback of rank 0 stops training, every rank stops.
     """
-    device = train[0].device
-    with kernel_settings(device, cfg.cudnn_benchmark):
-        return _fit(model, train, val, cfg, seed, checkpoint_path, checkpoint_extra, callbacks,
-                    eval_batch_size, resume)
+    (train_images, _), _ = data
+    with kernel_settings(train_images.device, cfg.cudnn_benchmark):
+        return _fit(model, data, cfg, seed, list(callbacks), checkpointer, resume,
+                    eval_batch_size)
 
 
-def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
-         val: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, seed: int,
-         checkpoint_path: str | Path | None, checkpoint_extra: dict[str, Any] | None,
-         callbacks: Iterable[EpochCallback], eval_batch_size: int,
-         resume: dict[str, Any] | None) -> TrainResult:
-    train_images, train_labels = train
-    val_images, val_labels = val
+def _fit(model: nn.Module, data: tuple[Split, Split], cfg: TrainConfig, seed: int,
+         callbacks: list[EpochCallback], checkpointer: Checkpointer | None,
+         resume: Checkpoint | None, eval_batch_size: int) -> TrainResult:
+    (train_images, train_labels), (val_images, val_labels) = data
     device = train_images.device
     accel = Accel.for_config(cfg, device)
     model = accel.prepare_model(model)
@@ -250,7 +308,8 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
     # otherwise compile graphs of their own. The compiled module shares parameters with `model`;
     # state dicts come from `model` so checkpoints load into an uncompiled network.
     step_model = torch.compile(trained, dynamic=False) if cfg.compile else trained
-    callbacks = list(callbacks) if world.main else []
+    callbacks = callbacks if world.main else []
+    checkpointer = checkpointer if world.main else None  # rank 0 writes the one checkpoint
     n = len(train_labels)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
     optimizer = make_optimizer(model, cfg, device)
@@ -260,24 +319,24 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
     augment_gen = torch.Generator(device=device).manual_seed(seed + 1)
 
     best = TrainResult(best_val_acc=-1.0, best_epoch=0, best_state={})
-    if resume is not None and resume.get("finished"):  # after the last epoch: nothing to run
-        model.load_state_dict(resume["model_state"])
+    if resume is not None and resume.finished:  # after the last epoch: nothing to run
+        model.load_state_dict(resume.model_state)
         log.info("training already finished (epoch %d of %d); using its best weights",
-                 resume["epoch"], cfg.epochs)
-        return TrainResult(resume["best_val_acc"], resume["best_epoch"],
-                           copy.deepcopy(model.state_dict()), list(resume["history"]),
-                           resumed_from_epoch=resume["epoch"])
-    if resume is not None:
-        model.load_state_dict(resume["model_state"])
-        optimizer.load_state_dict(resume["optimizer_state"])
-        scheduler.load_state_dict(resume["scheduler_state"])
-        _restore_rng_states(resume["rng_states"], order_gen, augment_gen)
-        best = TrainResult(resume["best_val_acc"], resume["best_epoch"],
-                           {k: v.to(device) for k, v in (resume["best_state"] or {}).items()},
-                           list(resume["history"]), resumed_from_epoch=resume["epoch"])
-        if resume["best_state"] is None:  # the best epoch was the checkpointed one
+                 resume.epoch, cfg.epochs)
+        return TrainResult(resume.best_val_acc, resume.best_epoch,
+                           copy.deepcopy(model.state_dict()), list(resume.history),
+                           resumed_from_epoch=resume.epoch)
+    if resume is not None and resume.resumable:
+        model.load_state_dict(resume.model_state)
+        optimizer.load_state_dict(resume.optimizer_state)
+        scheduler.load_state_dict(resume.scheduler_state)
+        _restore_rng_states(resume.rng_states, order_gen, augment_gen)
+        best = TrainResult(resume.best_val_acc, resume.best_epoch,
+                           {k: v.to(device) for k, v in (resume.best_state or {}).items()},
+                           list(resume.history), resumed_from_epoch=resume.epoch)
+        if resume.best_state is None:  # the best epoch was the checkpointed one
             best.best_state = copy.deepcopy(model.state_dict())
-        log.info("resuming after epoch %d of %d", resume["epoch"], cfg.epochs)
+        log.info("resuming after epoch %d of %d", resume.epoch, cfg.epochs)
     last_checkpoint = time.monotonic()
 
     for epoch in range(best.resumed_from_epoch + 1, cfg.epochs + 1):
@@ -349,36 +408,30 @@ def _fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor],
         finished = epoch == cfg.epochs and stop is None
         due = (stop is not None or finished
                or time.monotonic() - last_checkpoint >= cfg.checkpoint_seconds)
-        if checkpoint_path is None or not world.main:  # rank 0 writes the one checkpoint
+        if checkpointer is None:
             pass
         elif finished:
             # What is left to do needs only the best weights: no optimizer state, no current
             # weights beside them (a third of the full checkpoint for AdamW).
-            save_checkpoint(checkpoint_path, {
-                "epoch": epoch, "finished": True, "model_state": best.best_state,
-                "best_val_acc": best.best_val_acc, "best_epoch": best.best_epoch,
-                "history": best.history, **(checkpoint_extra or {})})
+            checkpointer.save(Checkpoint(
+                epoch=epoch, finished=True, history=best.history, best_val_acc=best.best_val_acc,
+                best_epoch=best.best_epoch, model_state=best.best_state))
         elif due:
-            save_checkpoint(checkpoint_path, {
-                "epoch": epoch,
-                "model_state": model.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "scheduler_state": scheduler.state_dict(),
-                "rng_states": _rng_states(order_gen, augment_gen),
-                "best_val_acc": best.best_val_acc,
-                "best_epoch": best.best_epoch,
+            checkpointer.save(Checkpoint(
+                epoch=epoch, history=best.history, best_val_acc=best.best_val_acc,
+                best_epoch=best.best_epoch, model_state=model.state_dict(),
                 # None when the best weights are this epoch's: written once, not twice
-                "best_state": None if best.best_epoch == epoch else best.best_state,
-                "history": best.history,
-                **(checkpoint_extra or {}),
-            })
+                best_state=None if best.best_epoch == epoch else best.best_state,
+                optimizer_state=optimizer.state_dict(), scheduler_state=scheduler.state_dict(),
+                rng_states=_rng_states(order_gen, augment_gen)))
             last_checkpoint = time.monotonic()
         if stop is not None:
             raise stop
     return best
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
+def save_tensors(path: str | Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` of tensors in plain containers, atomically (a kill leaves the old file)."""
     with atomic_path(path) as tmp:
         try:
             torch.save(payload, tmp)
@@ -402,6 +455,7 @@ def _likely_write_errno(directory: Path) -> int:
     return errno.EIO
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint without executing pickled code (tensors and plain containers only)."""
+def load_tensors(path: str | Path) -> Any:
+    """Load what :func:`save_tensors` wrote without executing pickled code (tensors and plain
+    containers only: anything else is refused by torch's weights-only unpickler)."""
     return torch.load(path, map_location="cpu", weights_only=True)

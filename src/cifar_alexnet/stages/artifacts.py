@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from cifar_alexnet.config import ModelConfig
 from cifar_alexnet.core.model import Classifier, build_model
-from cifar_alexnet.core.trainer import load_checkpoint, save_checkpoint
+from cifar_alexnet.core.trainer import load_tensors, save_tensors
 from cifar_alexnet.errors import DataError
 
 MODEL_FILE = "model.pt"
@@ -24,7 +24,7 @@ def save_trained_model(model_dir: Path, model: Classifier, class_names: Sequence
                        epoch: int, val_acc: float, run_id: str) -> None:
     """``models/model.pt``: the weights (a state dict, loadable without unpickling code), the
     config that rebuilds the network, the class names and the run that trained it."""
-    save_checkpoint(model_dir / MODEL_FILE, {
+    save_tensors(model_dir / MODEL_FILE, {
         "model_state": model.state_dict(), "model_config": asdict(model.config),
         "class_names": list(class_names), "epoch": epoch, "val_acc": val_acc,
         "mlflow_run_id": run_id,
@@ -37,7 +37,7 @@ def load_trained_model(model_dir: Path) -> tuple[Classifier, dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"{path} not found; run the train stage first (dvc repro train)")
     try:
-        payload = load_checkpoint(path)  # weights only: a pickled payload is never run
+        payload = load_tensors(path)  # weights only: a pickled payload is never run
         model = build_model(ModelConfig(**payload["model_config"]))
         model.load_state_dict(payload["model_state"])  # also restores the normalisation buffers
         payload["mlflow_run_id"]  # noqa: B018 (evaluate needs it: fail here, not half-way)

@@ -27,8 +27,8 @@ from cifar_alexnet.core.data import DatasetMeta, load_meta, load_split
 from cifar_alexnet.core.model import build_model, count_parameters, summary
 from cifar_alexnet.core.distributed import (World, current_world, process_group,
                                             share_from_main, training_device)
-from cifar_alexnet.core.trainer import (HISTORY_FIELDS, TrainResult, fit, load_checkpoint,
-                                      save_checkpoint, seed_everything, to_device)
+from cifar_alexnet.core.trainer import (HISTORY_FIELDS, Checkpoint, Checkpointer, TrainResult,
+                                      fit, seed_everything, to_device)
 from cifar_alexnet.core.transforms import CROP_PADDING, random_crop_flip
 from cifar_alexnet.files import write_json, write_text
 from cifar_alexnet.plots import history_figure, image_grid_figure, save as save_figure
@@ -99,7 +99,7 @@ def training_fingerprint(params: Params) -> str:
     return digest.hexdigest()
 
 
-def resumable_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] | None:
+def resumable_checkpoint(path: Path | None, fingerprint: str) -> Checkpoint | None:
     """The checkpoint at ``path`` if it belongs to this training, else None (fresh start).
     Read by rank 0 alone and handed to the other ranks (:func:`share_from_main`)."""
     if not current_world().main:
@@ -107,11 +107,11 @@ def resumable_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] 
     return share_from_main(_own_checkpoint(path, fingerprint))
 
 
-def _own_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] | None:
+def _own_checkpoint(path: Path | None, fingerprint: str) -> Checkpoint | None:
     if path is None or not path.is_file():
         return None
     try:
-        checkpoint = load_checkpoint(path)
+        checkpoint = Checkpoint.load(path)
     except Exception as exc:  # torch.load raises many types for a damaged or foreign file
         log.warning("not resuming: %s cannot be read (%s); starting from epoch 1", path, exc)
         closed = tracking.close_runs_of_checkpoint(path)
@@ -119,10 +119,10 @@ def _own_checkpoint(path: Path | None, fingerprint: str) -> dict[str, Any] | Non
             log.info("marked the MLflow run(s) it would have resumed KILLED: %s",
                      ", ".join(closed))
         return None
-    if checkpoint.get("fingerprint") != fingerprint:
+    if checkpoint.owner.get("fingerprint") != fingerprint:
         log.warning("not resuming: %s was written by a training with other params or code; "
                     "starting from epoch 1", path)
-        stale_run = checkpoint.get("mlflow_run_id")
+        stale_run = checkpoint.owner.get("mlflow_run_id")
         if stale_run:
             tracking.mark_killed([stale_run])
         return None
@@ -162,7 +162,7 @@ def _train_stage(params: Params, prepared_dir: Path, outputs: TrainOutputs,
     meta = load_meta(prepared_dir)
     train_split, val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
     device = training_device(params.train.device, world)
-    seed_everything(params.base.seed, device)
+    seed_everything(params.base.seed)
     model = build_model(params.model, meta.mean, meta.std)
     model_summary = summary(model)
     model.to(device)
@@ -171,12 +171,12 @@ def _train_stage(params: Params, prepared_dir: Path, outputs: TrainOutputs,
     fingerprint = training_fingerprint(params)
     checkpoint = resumable_checkpoint(outputs.checkpoint, fingerprint)
     # An epoch-0 checkpoint only names the run of a training killed in its first epoch.
-    resume = checkpoint if checkpoint and checkpoint["epoch"] > 0 else None
+    resume = checkpoint if checkpoint and checkpoint.resumable else None
     data = (to_device(train_split.images, train_split.labels, device),
             to_device(val_split.images, val_split.labels, device))
     if not world.main:  # trains its shards; rank 0 writes everything
-        fit(model, *data, params.train, params.base.seed,
-            eval_batch_size=params.evaluate.batch_size, resume=resume)
+        fit(model, data, params.train, seed=params.base.seed, resume=resume,
+            eval_batch_size=params.evaluate.batch_size)
         return {}
 
     tags = {**tracking.lineage_tags("train", params.data.md5), **tune_tags,
@@ -184,21 +184,20 @@ def _train_stage(params: Params, prepared_dir: Path, outputs: TrainOutputs,
     if outputs.checkpoint is not None:
         tags[tracking.CHECKPOINT_TAG] = str(outputs.checkpoint.resolve())
     if resume is not None:
-        tags["resumed_from_epoch"] = str(resume["epoch"])
+        tags["resumed_from_epoch"] = str(resume.epoch)
     with tracking.training_run(params, tags, continue_run_id=checkpoint
-                               and checkpoint.get("mlflow_run_id")) as run_id:
-        if outputs.checkpoint is not None and resume is None:
-            save_checkpoint(outputs.checkpoint, {"epoch": 0, "fingerprint": fingerprint,
-                                                 "mlflow_run_id": run_id})
+                               and checkpoint.owner.get("mlflow_run_id")) as run_id:
+        checkpointer = None if outputs.checkpoint is None else Checkpointer(
+            outputs.checkpoint, {"fingerprint": fingerprint, "mlflow_run_id": run_id,
+                                 "params": params.to_public_dict()})
+        if checkpointer is not None and resume is None:
+            checkpointer.started()
         if resume is not None:  # epochs checkpointed while the store was failing
-            tracking.EpochLogger.catch_up(resume["history"])
+            tracking.EpochLogger.catch_up(resume.history)
         _log_inputs(params, meta, train_split, model_summary)
-        result = fit(model, *data, params.train, params.base.seed,
-                     checkpoint_path=outputs.checkpoint,
-                     checkpoint_extra={"params": params.to_public_dict(),
-                                       "mlflow_run_id": run_id, "fingerprint": fingerprint},
-                     callbacks=[tracking.EpochLogger()], eval_batch_size=params.evaluate.batch_size,
-                     resume=resume)
+        result = fit(model, data, params.train, seed=params.base.seed,
+                     callbacks=[tracking.EpochLogger()], checkpointer=checkpointer,
+                     resume=resume, eval_batch_size=params.evaluate.batch_size)
         model.load_state_dict(result.best_state)
         save_trained_model(outputs.model_dir, model, meta.class_names, result.best_epoch,
                            result.best_val_acc, run_id)

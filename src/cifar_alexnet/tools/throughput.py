@@ -333,7 +333,7 @@ def baseline_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainCo
 def _baseline_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainConfig,
                          device: torch.device, seed: int, warmup_steps: int, steps: int,
                          workers: int) -> dict[str, Any]:
-    seed_everything(seed, device)
+    seed_everything(seed)
     net = build_model(model_config, data.mean, data.std).net.to(device)
     optimizer = make_optimizer(net, dataclasses.replace(cfg, fused_optimizer=False), device)
     dataset = TutorialDataset(data.train_images, data.train_labels,
@@ -391,7 +391,7 @@ def trainer_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainCon
     falls inside the window.
     """
     _check_steps(warmup_steps, steps)
-    seed_everything(seed, device)
+    seed_everything(seed)
     model = build_model(model_config, data.mean, data.std).to(device)
     images, labels = to_device(data.train_images, data.train_labels, device)
     # At least 8 steps: the schedule's length does not change a step's cost, and OneCycleLR
@@ -420,7 +420,7 @@ def trainer_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainCon
              cfg.batch_size, precision)
     handle = register_optimizer_step_post_hook(on_step)
     try:
-        fit(model, (images, labels), val, dataclasses.replace(cfg, epochs=1), seed)
+        fit(model, ((images, labels), val), dataclasses.replace(cfg, epochs=1), seed=seed)
     except _WindowDone:
         pass
     finally:
@@ -540,7 +540,7 @@ def stage_wall_time(params: Params, data: BenchData, device: torch.device,
 
     cfg = dataclasses.replace(params.train, epochs=epochs)
     split = _Split(device)
-    seed_everything(params.base.seed, device)
+    seed_everything(params.base.seed)
     model = build_model(params.model, data.mean, data.std).to(device)
     with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp, \
             contextlib.ExitStack() as stack:
@@ -553,12 +553,12 @@ def stage_wall_time(params: Params, data: BenchData, device: torch.device,
             train = to_device(data.train_images, data.train_labels, device)
             val = to_device(data.val_images, data.val_labels, device)
         with split.calls_of(trainer, "batched_logits", "evaluation"), \
-                split.calls_of(trainer, "save_checkpoint", "checkpoint"), \
+                split.calls_of(trainer, "save_tensors", "checkpoint"), \
                 split.measure("fit"):
-            result = fit(model, train, val, cfg, params.base.seed,
-                         checkpoint_path=Path(tmp) / "train.pt",
+            result = fit(model, (train, val), cfg, seed=params.base.seed,
                          callbacks=[_TimedCallback(c, split, "epoch_logging")
                                     for c in callbacks],
+                         checkpointer=trainer.Checkpointer(Path(tmp) / "train.pt"),
                          eval_batch_size=params.evaluate.batch_size)
         model.load_state_dict(result.best_state)
         with split.measure("model_file"):
@@ -629,7 +629,7 @@ def time_to_accuracy(params: Params, data: BenchData, device: torch.device, targ
     run ends after the recipe's last epoch or after the first epoch that ends past the budget;
     only epochs that end within the budget count for ``best_acc_within_budget``.
     """
-    seed_everything(params.base.seed, device)
+    seed_everything(params.base.seed)
     model = build_model(params.model, data.mean, data.std).to(device)
     train = to_device(data.train_images, data.train_labels, device)
     val = to_device(data.val_images, data.val_labels, device)
@@ -640,7 +640,7 @@ def time_to_accuracy(params: Params, data: BenchData, device: torch.device, targ
                               Accel.for_config(params.train, device), params.evaluate.batch_size,
                               params.evaluate.flip_tta, budget_seconds)
     try:
-        fit(model, train, val, params.train, params.base.seed, callbacks=[clock],
+        fit(model, (train, val), params.train, seed=params.base.seed, callbacks=[clock],
             eval_batch_size=params.evaluate.batch_size)
     except _BudgetSpent:
         pass

@@ -76,10 +76,10 @@ class Objective:
         trial.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
         with tracking.trial_run(self.study_name, trial.number, values) as run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
-            seed_everything(params.base.seed, self.device)  # same init for every trial
+            seed_everything(params.base.seed)  # same init for every trial
             model = build_model(params.model, self.meta.mean, self.meta.std).to(self.device)
             try:
-                result = fit(model, self.train, self.val, cfg, params.base.seed,
+                result = fit(model, (self.train, self.val), cfg, seed=params.base.seed,
                              callbacks=[tracking.EpochLogger(), _TrialReporter(trial, tune.metric)],
                              eval_batch_size=params.evaluate.batch_size)
             except optuna.TrialPruned as exc:
