@@ -103,3 +103,27 @@ def test_stages_that_open_a_new_sqlite_store_at_once_all_succeed(tmp_path):
             _, err = opener.communicate(timeout=300)
             assert opener.returncode == 0, err[-2000:]
         assert MlflowClient(f"sqlite:///{store}").search_experiments()  # usable afterwards
+
+
+def test_importing_tracking_changes_no_environment_and_the_first_store_check_configures_it(
+        tmp_path):
+    """A library import leaves the process alone; the stage that uses a store gets MLflow's
+    HTTP retries shortened (a lost server fails in seconds), unless the user set them."""
+    code = ("import os, mlflow\n"
+            "names = ('MLFLOW_HTTP_REQUEST_MAX_RETRIES', 'MLFLOW_HTTP_REQUEST_TIMEOUT')\n"
+            "from cifar_alexnet import tracking\n"
+            "print([os.environ.get(n) for n in names])\n"
+            f"mlflow.set_tracking_uri('sqlite:///{tmp_path / 'mlflow.db'}')\n"
+            "tracking.check_store()\n"
+            "print([os.environ.get(n) for n in names])\n")
+    for user_timeout, expected in ((None, "['2', '20']"), ("7", "['2', '7']")):
+        extra = {"MLFLOW_HTTP_REQUEST_TIMEOUT": user_timeout} if user_timeout else {}
+        env = subprocess_env(**extra)
+        env.pop("MLFLOW_HTTP_REQUEST_MAX_RETRIES", None)
+        if not user_timeout:
+            env.pop("MLFLOW_HTTP_REQUEST_TIMEOUT", None)
+        result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        before, after = result.stdout.splitlines()
+        assert before == f"[None, {user_timeout!r}]" and after == expected

@@ -1,10 +1,5 @@
-"""Everything that talks to MLflow. The only module that imports mlflow.
-
-Tracking store: ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<root>/mlflow.db`` with
-artifacts in ``<root>/mlruns``, where ``<root>`` is the repository (also for `dvc exp run
---temp`/`--queue`, which run in a temporary copy: see workspace.py), so ``mlflow ui`` started
-from the repository shows every run.
-"""
+"""MLflow runs: one per stage, study and trial, nested under an `mlflow run` invocation, with
+their lineage (git, DVC experiment, data), params, metrics, artifacts and the logged model."""
 
 from __future__ import annotations
 
@@ -13,21 +8,18 @@ import functools
 import json
 import logging
 import os
-import re
 import subprocess
 import tempfile
 import time
 import urllib.error
 import urllib.request
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import mlflow
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from matplotlib.figure import Figure
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.http_dataset_source import HTTPDatasetSource
@@ -38,23 +30,14 @@ from mlflow.models import infer_signature
 from cifar_alexnet.config import Params, flatten
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.redact import redact_url
-from cifar_alexnet.core.trainer import StopAfterCheckpoint
+from cifar_alexnet.tracking.store import (DEFAULT_ARTIFACTS, TrackingUnavailable, unavailable,
+                                          use_default_store)
 from cifar_alexnet.workspace import dvc_experiment_tags, project_root
 
 log = logging.getLogger(__name__)
 
-# MLflow retries an unreachable server 7 times with exponential backoff (about 4 minutes) per
-# call before it gives up. A stage should fail in seconds instead, saying so; set these
-# variables yourself to choose other values.
-for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2"),
-                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
-                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")):
-    os.environ.setdefault(_name, _value)
-HEALTH_TIMEOUT_S = 5
-
 MODEL_ARTIFACT = "model"
 CLASS_NAMES_KEY = "class_names"  # in the logged model's metadata
-DEFAULT_DB, DEFAULT_ARTIFACTS = "mlflow.db", "mlruns"
 # Marks a model-training (not GenAI) experiment. The MLflow 3.17 UI ignores it and opens on the
 # GenAI overview unless the link says ?workflowType=machine_learning (see experiment_url); earlier
 # MLflow 3 UIs read it.
@@ -128,84 +111,6 @@ def lineage_tags(stage: str, data_md5: str | None) -> dict[str, str]:
     return tags
 
 
-class TrackingUnavailable(StopAfterCheckpoint):
-    """The tracking store failed or cannot be reached. Training stops once the epoch in progress
-    is checkpointed; a tuning trial is queued again; the rerun continues."""
-
-
-def _unavailable(exc: Exception, after: str = "") -> TrackingUnavailable:
-    reason = (getattr(exc, "message", None) or str(exc)).strip().splitlines()[0]
-    # "API request to … failed with exception HTTPConnectionPool(…): Max retries exceeded …
-    # (Caused by NewConnectionError(…: [Errno 111] Connection refused"))": the cause is enough.
-    cause = re.search(r"\[Errno -?\d+\] [^\"')]+", reason)
-    reason = cause[0] if cause else reason[:300]
-    return TrackingUnavailable(
-        f"the MLflow tracking store {redact_url(mlflow.get_tracking_uri())} failed{after} "
-        f"({reason}). Nothing finished is lost: when the store is back, run the stage again "
-        "(`dvc repro`): training resumes after its last checkpointed epoch and an interrupted "
-        "trial is run again")
-
-
-_checked: set[str] = set()  # stores this process has already found usable
-
-
-def check_store() -> None:
-    """Fail in seconds with one line naming the store when it cannot be used: a tracking server
-    that does not answer, a damaged or foreign database file."""
-    uri = mlflow.get_tracking_uri()
-    if uri in _checked:
-        return
-    if uri.startswith(("http://", "https://")):
-        _check_server(uri)
-    elif uri.startswith("sqlite:"):
-        try:
-            with _first_open_lock(uri):
-                mlflow.MlflowClient().search_experiments(max_results=1)
-        except Timeout:
-            raise PipelineError(
-                f"waited {STORE_LOCK_TIMEOUT_S} s for another process to open the MLflow store "
-                f"{redact_url(uri)} ({uri.removeprefix('sqlite:///')}.lock is held); if no other "
-                "stage or worker is running, delete that lock file") from None
-        except Exception as exc:  # SQLAlchemy/sqlite raise their own types, MLflow wraps some
-            reason = str(exc).strip().splitlines()[0][:200]
-            raise PipelineError(
-                f"cannot open the MLflow store {redact_url(uri)} ({reason}): the database file is "
-                "damaged or not an MLflow store. Move it away (a new one is created) or restore "
-                "it from a backup, or set MLFLOW_TRACKING_URI to another store") from None
-    _checked.add(uri)
-
-
-STORE_LOCK_TIMEOUT_S = 300
-
-
-def _first_open_lock(uri: str) -> Any:
-    """A lock beside an SQLite store's file, held while this process first opens it. MLflow
-    creates its tables and migrates the schema on first open without locking: two stages
-    opening a new store at once (`dvc queue start -j 2`, two study workers) both failed, and
-    could leave the file half-migrated for good. One opener at a time makes that safe."""
-    path = uri.removeprefix("sqlite:///")
-    if not uri.startswith("sqlite:///") or path in ("", ":memory:"):
-        return contextlib.nullcontext()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(f"{path}.lock", timeout=STORE_LOCK_TIMEOUT_S)
-
-
-def _check_server(uri: str) -> None:
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=HEALTH_TIMEOUT_S):  # noqa: S310 (http only)
-            return
-    except urllib.error.HTTPError:
-        return  # it answers (a proxy or an auth layer may refuse /health): let MLflow try
-    except (OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-    raise PipelineError(
-        f"the MLflow tracking server {redact_url(uri)} does not answer ({reason}). Start it "
-        "(e.g. `mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri "
-        "sqlite:///mlflow.db`), fix MLFLOW_TRACKING_URI, or unset it to log to the "
-        "repository's mlflow.db")
-
-
 def _epoch_metrics(row: dict[str, float]) -> dict[str, float]:
     return {"train/loss": row["train_loss"], "train/acc": row["train_acc"],
             "val/loss": row["val_loss"], "val/acc": row["val_acc"],
@@ -220,7 +125,7 @@ class EpochLogger:
         try:
             mlflow.log_metrics(_epoch_metrics(row), step=int(row["epoch"]))
         except MlflowException as exc:
-            raise _unavailable(exc, f" after epoch {int(row['epoch'])}") from None
+            raise unavailable(exc, f" after epoch {int(row['epoch'])}") from None
 
     @staticmethod
     def catch_up(history: Sequence[dict[str, float]]) -> None:
@@ -238,18 +143,6 @@ def _log_params(params: Params) -> None:
     mlflow.log_params(flatten(tree))
     log_dict(tree, "params/effective_params.json")
 
-
-def use_default_store() -> bool:
-    """Without MLFLOW_TRACKING_URI, MLflow's default store, but in the repository root rather
-    than the working directory (a temporary experiment copy is deleted after the run).
-    True when that default store is the one in use."""
-    default = f"sqlite:///{project_root() / DEFAULT_DB}"
-    # set_tracking_uri also exports MLFLOW_TRACKING_URI (for child processes): ours is the default
-    configured = os.environ.get("MLFLOW_TRACKING_URI")
-    if not configured:
-        mlflow.set_tracking_uri(default)
-    check_store()
-    return configured in (None, "", default)
 
 
 _invocation: list[str] = []  # the run `mlflow run` made for this process, once taken
@@ -401,7 +294,7 @@ def _run(reopened_status: str | None = None, **start_kwargs: Any) -> Iterator[ml
         run = mlflow.start_run(**start_kwargs)
         _check_artifacts_writable()
     except MlflowException as exc:
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     except TrackingUnavailable:
         _end_run(reopened_status or "FAILED")
         raise
@@ -423,7 +316,7 @@ def _run(reopened_status: str | None = None, **start_kwargs: Any) -> Iterator[ml
         raise
     except MlflowException as exc:
         stop("FAILED")
-        raise _unavailable(exc) from None
+        raise unavailable(exc) from None
     except BaseException:
         stop("FAILED")
         raise
@@ -709,146 +602,3 @@ def load_logged_model(model_uri: str) -> tuple[Callable[[np.ndarray], np.ndarray
     return (lambda images: np.asarray(model.predict(images))), names
 
 
-# --- the Model Registry --------------------------------------------------------------------------
-
-CHAMPION, CHALLENGER = "champion", "challenger"
-ACCURACY_TAG = "test_accuracy"  # on a model version: what the promotion gate compares
-
-
-@dataclass(frozen=True)
-class Promotion:
-    """What the promotion gate decided for one newly registered version."""
-    name: str
-    version: str
-    alias: str                      # CHAMPION or CHALLENGER
-    accuracy: float
-    champion_version: str | None    # the champion before this decision (None: there was none)
-    champion_accuracy: float | None
-
-    def describe(self) -> str:
-        if self.champion_version is None:
-            before, verdict = "there was no champion", "it is @champion"
-        else:
-            before = (f"champion was version {self.champion_version} with "
-                      f"{_fmt(self.champion_accuracy)}")
-            verdict = ("higher: it is the new @champion" if self.alias == CHAMPION
-                       else "not higher: the champion stays; this version is @challenger")
-        return (f"registered {self.name} version {self.version} with test accuracy "
-                f"{_fmt(self.accuracy)}; {before}; {verdict}")
-
-
-def _fmt(value: float | None) -> str:
-    return "unknown" if value is None else f"{value:.4f}"
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """A registered version as the gate sees it."""
-    version: str
-    accuracy: float | None  # None: unknown (registered by hand, without an evaluation)
-
-
-def champion_for(candidates: Sequence[Candidate], current: str | None) -> str | None:
-    """Which version should hold ``@champion``: the current champion, unless a version is
-    strictly more accurate (then the earliest of the most accurate); a champion of unknown
-    accuracy (promoted by hand: a person decided) is kept. A pure function of the registry's
-    state, so every evaluator that applies it reaches the same answer, whatever order they
-    ran in."""
-    known = [c for c in candidates if c.accuracy is not None]
-    accuracy = {c.version: c.accuracy for c in candidates}
-    if current is not None and current in accuracy and accuracy[current] is None:
-        return current
-    if not known:
-        return current
-    best = max(c.accuracy for c in known)
-    if current is not None and accuracy.get(current) is not None and accuracy[current] >= best:
-        return current
-    return min((c.version for c in known if c.accuracy == best), key=int)
-
-
-def _version_accuracy(client: mlflow.MlflowClient, version: Any) -> float | None:
-    """A version's test accuracy: its tag, else its run's ``test/accuracy`` metric."""
-    if ACCURACY_TAG in version.tags:
-        return float(version.tags[ACCURACY_TAG])
-    if version.run_id:
-        try:
-            return client.get_run(version.run_id).data.metrics.get("test/accuracy")
-        except MlflowException:
-            return None
-    return None
-
-
-def _champion(client: mlflow.MlflowClient, name: str) -> Any:
-    try:
-        return client.get_model_version_by_alias(name, CHAMPION)
-    except MlflowException:
-        return None
-
-
-def _registry_write(call: Callable[..., Any], *args: Any) -> Any:
-    """A registry write that may race another evaluator's: MLflow's server inserts an alias or
-    tag that does not exist yet, and of two inserting at once one fails on the key (seen on
-    PostgreSQL). The retry finds the row and updates it."""
-    for attempt in range(5):
-        try:
-            return call(*args)
-        except MlflowException as exc:
-            conflict = re.search(r"duplicate key|UniqueViolation|UNIQUE constraint", str(exc))
-            if not conflict or attempt == 4:
-                raise
-            time.sleep(0.1 * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-PROMOTION_TAG = "promotion"  # on a version: the gate's decision, in words
-SETTLED_BY_TAG = "gate.settled_by"  # on a version killed before its gate: who settled it
-GATE_ROUNDS = 20
-
-
-def register_and_gate(model_uri: str, name: str, accuracy: float) -> Promotion:
-    """Register ``model_uri`` as a new version of ``name`` and settle ``@champion``
-    (:func:`champion_for`); a version that is not the champion gets ``@challenger``. The
-    decision is tagged on the active run and on the version.
-
-    Safe when evaluations race (several machines on one tracking server): the registry has no
-    transactions, so each evaluator applies the rule, sets the alias, and reads the registry
-    again until what it reads already satisfies the rule. The last writer has checked after
-    its write, so no better version is left without the alias. A version whose evaluation
-    was killed between registering it and the gate is settled by the next evaluation too (tag
-    ``gate.settled_by``)."""
-    client = mlflow.MlflowClient()
-    with warnings.catch_warnings():  # MLflow warns that registering may take a while
-        warnings.simplefilter("ignore")
-        version = mlflow.register_model(model_uri, name,
-                                        tags={ACCURACY_TAG: repr(float(accuracy))})
-    mine = str(version.version)
-    before = _champion(client, name)
-    before_accuracy = _version_accuracy(client, before) if before else None
-    for _ in range(GATE_ROUNDS):
-        versions = client.search_model_versions(f"name = '{name}'")
-        current = _champion(client, name)
-        current_version = str(current.version) if current else None
-        target = champion_for([Candidate(str(v.version), _version_accuracy(client, v))
-                               for v in versions], current_version)
-        if target is None or target == current_version:
-            break
-        _registry_write(client.set_registered_model_alias, name, CHAMPION, target)
-    else:
-        log.warning("the %s registry kept changing while %d evaluations settled @champion; "
-                    "it is version %s now", name, GATE_ROUNDS, target)
-    alias = CHAMPION if target == mine else CHALLENGER
-    if alias == CHALLENGER:
-        _registry_write(client.set_registered_model_alias, name, CHALLENGER, mine)
-    decision = Promotion(name, mine, alias, float(accuracy),
-                         str(before.version) if before else None, before_accuracy)
-    _registry_write(client.set_model_version_tag, name, mine, PROMOTION_TAG, decision.describe())
-    for other in versions:
-        # No decision of its own: killed before its gate (or still in it: a tag of its own key,
-        # so a racing evaluator's decision is never overwritten).
-        if PROMOTION_TAG not in other.tags and str(other.version) != mine:
-            _registry_write(client.set_model_version_tag, name, other.version, SETTLED_BY_TAG,
-                            mine)
-    mlflow.set_tags({"registry.model": name, "registry.version": decision.version,
-                     "registry.alias": alias,
-                     "registry.champion_before": decision.champion_version or "none"})
-    return decision
