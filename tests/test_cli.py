@@ -36,3 +36,18 @@ def test_help_imports_no_heavy_library(command):
     modules = imported_modules(result.stderr)
     assert "argparse" in modules  # the log was read
     assert modules.isdisjoint(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_a_stage_that_is_leaving_ends_on_sigterm_without_a_traceback():
+    """After the stage's work, SIGTERM (torchrun's agent stopping a rank that is already
+    leaving) ends the process at once: no KeyboardInterrupt raised from the interpreter's
+    shutdown."""
+    code = ("import signal\n"
+            "from cifar_alexnet.stage_runner import run_stage\n"
+            "seen = []\n"
+            "run_stage(lambda: seen.append(signal.getsignal(signal.SIGTERM)))\n"
+            "print(seen[0] is signal.default_int_handler,\n"
+            "      signal.getsignal(signal.SIGTERM) is signal.SIG_DFL)\n")
+    result = subprocess.run([sys.executable, "-c", code], env=subprocess_env(),
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout.strip()) == (0, "True True"), result.stderr

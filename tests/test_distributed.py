@@ -16,11 +16,25 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from cifar_alexnet.core.distributed import World
+from cifar_alexnet.core.distributed import PEER_LOST, World, failing_rank
 from cifar_alexnet.core.trainer import Checkpoint
 from helpers import ROOT, dvc, make_project, run, subprocess_env, tiny_params
 
 pytestmark = pytest.mark.slow
+
+
+def test_the_rank_named_is_the_one_killed_not_those_stopped_after_it():
+    def failure(exitcode, timestamp):
+        return type("Failure", (), {"exitcode": exitcode, "timestamp": timestamp})()
+
+    # rank 1 killed; the agent then stops rank 0 with SIGTERM, seen in the same tick or before
+    for stopped_at in (99, 100):
+        rank, _ = failing_rank({0: failure(-signal.SIGTERM, stopped_at), 1: failure(-9, 100)})
+        assert rank == 1
+    # rank 0 noticed its peer was gone before the agent did
+    assert failing_rank({0: failure(PEER_LOST, 5), 1: failure(-9, 6)})[0] == 1
+    # a rank that failed with its own error, another that stopped because of it
+    assert failing_rank({0: failure(PEER_LOST, 1), 1: failure(1, 2)})[0] == 1
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 4])

@@ -478,3 +478,35 @@ def test_hand_edited_best_params_are_validated_like_params_yaml(archive, tmp_pat
     path.write_text("params:\n  model:\n    dropout: 1.2\n")
     with pytest.raises(ConfigError, match=r"best_params.yaml: model.dropout = 1.2 is invalid"):
         apply_best_params(params, path)
+
+
+def test_a_second_worker_replacing_the_plots_does_not_break_this_ones_logging(
+        archive, tmp_path, monkeypatch):
+    """Two workers in one directory both rewrite tune/plots/: a worker logs the plots it drew,
+    not files that the other may delete between writing and logging them."""
+    from optuna.distributions import FloatDistribution
+
+    from cifar_alexnet.tune import report
+
+    params = tune_params(archive, tmp_path)
+    study = optuna.create_study(direction="maximize")
+    space = {LR: FloatDistribution(1e-4, 1e-2, log=True), DROPOUT: FloatDistribution(0.0, 0.5)}
+    for lr, dropout, acc in ((0.001, 0.1, 0.5), (0.002, 0.3, 0.6), (0.004, 0.2, 0.55)):
+        study.add_trial(optuna.trial.create_trial(params={LR: lr, DROPOUT: dropout},
+                                                  distributions=space, value=acc))
+    save = report.save_figure
+
+    def saved_then_cleared_by_the_other_worker(figure, path):
+        save(figure, path)
+        Path(path).unlink()
+
+    monkeypatch.setattr(report, "save_figure", saved_then_cleared_by_the_other_worker)
+    monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run(experiment_id=mlflow.create_experiment("plots")) as run:
+            report.write_outputs(study, params, tmp_path / "tune")
+        logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "tune/plots")}
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert {"tune/plots/optimization_history.png", "tune/plots/param_importances.png"} <= logged

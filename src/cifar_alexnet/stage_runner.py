@@ -50,6 +50,15 @@ def run_stage(main: Callable[[], None], interrupted: str = RESUME_HINT) -> None:
     # temporary files are removed. (SIGKILL cannot be caught; a rerun recovers from it.)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
+        _run(main, interrupted)
+    finally:
+        # From here the process only exits: a SIGTERM now (torchrun's agent stopping a rank
+        # that is already leaving) ends it at once, not with a traceback from the shutdown.
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _run(main: Callable[[], None], interrupted: str) -> None:
+    try:
         main()
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -110,6 +110,16 @@ def process_group(device_name: str) -> Iterator[World]:
 PEER_LOST = 75  # exit status of a rank that stopped because another rank went away
 
 
+def failing_rank(failures: Mapping[int, Any]) -> tuple[int, Any]:
+    """The rank whose failure stopped the others, of torchrun's ``{rank: failure}`` (each with
+    ``exitcode``, negative for a signal, and ``timestamp``): a rank killed by a signal, else one
+    that failed (it printed its `error:` line). Not the ranks that stopped because it went away
+    (PEER_LOST), nor those the agent then stopped with SIGTERM, whatever their timestamps."""
+    return min(failures.items(), key=lambda item: (
+        item[1].exitcode > 0, item[1].exitcode == PEER_LOST,
+        item[1].exitcode == -signal.SIGTERM, item[1].timestamp, item[0]))
+
+
 def _peer_lost(exc: RuntimeError) -> bool:
     """A collective failed because a peer is gone (gloo: the connection was reset or closed;
     NCCL: a backend error), not because of this rank's own work."""
@@ -181,11 +191,7 @@ def launch(nproc: int, script: str, args: Sequence[str],
     except SignalException:  # Ctrl-C or SIGTERM to the launcher: the ranks were stopped
         raise KeyboardInterrupt from None
     except ChildFailedError as exc:
-        # The cause: a rank killed by a signal, else one that failed (it printed its `error:`
-        # line), not the ranks that stopped because it went away.
-        failures = sorted(exc.failures.items(), key=lambda item: (
-            item[1].exitcode > 0, item[1].exitcode == PEER_LOST, item[1].timestamp))
-        rank, failure = failures[0]
+        rank, failure = failing_rank(exc.failures)
         if failure.exitcode > 0:
             raise SystemExit(failure.exitcode) from None
         raise PipelineError(

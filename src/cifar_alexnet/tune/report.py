@@ -89,7 +89,13 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path,
             "fail_reason). Lower tune.lr_high if losses diverged, or raise tune.n_trials or "
             "tune.epochs_per_trial")
     write_trials_csv(study, out_dir / TRIALS_FILE)
-    plots = write_plots(study, out_dir / PLOTS_DIR)
+    figures = study_figures(study)
+    if log_to_mlflow:
+        # From memory, not from plots/: a second worker in the same directory may be replacing
+        # those files at this moment.
+        for name, figure in figures.items():
+            tracking.log_figure(figure, f"tune/plots/{name}")
+    write_plots(figures, out_dir / PLOTS_DIR)
     write_best_params(out_dir / BEST_PARAMS_FILE, summary["best_params"],
                       summary["study_name"], summary["best_trial"], summary["metric"],
                       summary["best_value"])
@@ -97,7 +103,6 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path,
     if log_to_mlflow:
         tracking.log_files([out_dir / BEST_PARAMS_FILE, out_dir / SUMMARY_FILE,
                             out_dir / STUDY_FILE, out_dir / TRIALS_FILE], "tune")
-        tracking.log_files(plots, "tune/plots")
     return summary
 
 
@@ -184,11 +189,8 @@ def study_figures(study: optuna.Study) -> dict[str, Figure]:
     return figures
 
 
-def write_plots(study: optuna.Study, plot_dir: Path) -> list[Path]:
+def write_plots(figures: Mapping[str, Figure], plot_dir: Path) -> None:
     """:func:`study_figures` as PNG files in ``plot_dir`` (any earlier ones removed)."""
     _clear_plots(plot_dir)
-    written = []
-    for name, figure in study_figures(study).items():
+    for name, figure in figures.items():
         save_figure(figure, plot_dir / name)
-        written.append(plot_dir / name)
-    return written
