@@ -25,16 +25,14 @@ import torch
 
 from cifar_alexnet.config import load_params
 from cifar_alexnet.core.distributed import current_world, process_group, training_device
-from cifar_alexnet.core.model import build_model
-from cifar_alexnet.core.trainer import fit, seed_everything, to_device
+from cifar_alexnet.core.trainer import fit, initial_model, to_device
 from cifar_alexnet.tools import throughput
 
 
 def train(params, data: throughput.BenchData, seed: int) -> tuple[dict, dict[str, torch.Tensor]]:
     """One training (of this process's world); its summary and final weights (on the CPU)."""
     device = training_device(params.train.device, current_world())
-    seed_everything(seed)
-    model = build_model(params.model, data.mean, data.std).to(device)
+    model = initial_model(params.model, data.mean, data.std, seed=seed, device=device)
     result = fit(model, (to_device(data.train_images, data.train_labels, device),
                          to_device(data.val_images, data.val_labels, device)),
                  params.train, seed=seed, eval_batch_size=params.evaluate.batch_size)

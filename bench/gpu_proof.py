@@ -541,8 +541,8 @@ def _table(results: dict[str, Any]) -> str:
             f"{s['loop']:.1f} ({stage['loop_images_per_s']:,.0f} images/s) + evaluation "
             f"{s['evaluation']:.2f} + checkpoint {s['checkpoint']:.2f} ({stage['checkpoints']} "
             f"x {stage['checkpoint_bytes'] / 1e9:.2f} GB) + logging {s['logging']:.2f} "
-            f"({'MLflow' if stage['mlflow_logging'] else 'MLflow not installed'}) + to device "
-            f"{s['to_device']:.2f} + model file {s['model_file']:.2f} + other {s['other']:.2f}: "
+            f"({'MLflow' if stage['mlflow_logging'] else 'MLflow not installed'}) + load "
+            f"{s['load']:.2f} + to device {s['to_device']:.2f} + model file {s['model_file']:.2f} + other {s['other']:.2f}: "
             f"overhead {100 * stage['overhead']:.0f} % of the loop; best val acc "
             f"{stage['best_val_acc']:.3f}")
     for name, label in (("tta_dev", "the dev subset"), ("alexnet_paper", "alexnet_paper")):

@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from cifar_alexnet.config import ARCHS, load_params
-from cifar_alexnet.core.model import build_model, count_parameters, forward_flops
-from cifar_alexnet.core.trainer import Accel, fit, batched_logits, resolve_device, seed_everything, \
+from cifar_alexnet.core.model import count_parameters, forward_flops
+from cifar_alexnet.core.trainer import Accel, batched_logits, fit, initial_model, resolve_device, \
     to_device
 from cifar_alexnet.stages.evaluate import evaluate_logits
 from cifar_alexnet.tools import throughput
@@ -40,10 +40,9 @@ def tour(params, data: throughput.BenchData, archs: list[str]) -> list[dict]:
     rows = []
     for arch in archs:
         run = dataclasses.replace(params, model=dataclasses.replace(params.model, arch=arch))
-        seed_everything(run.base.seed)
-        model = build_model(run.model, data.mean, data.std)
+        model = initial_model(run.model, data.mean, data.std, seed=run.base.seed,
+                              device=device)
         gflop = forward_flops(model) / 1e9
-        model.to(device)
         started = time.perf_counter()
         result = fit(model, (train, val), run.train, seed=run.base.seed,
                      eval_batch_size=run.evaluate.batch_size)

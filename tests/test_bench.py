@@ -1,7 +1,6 @@
 """The GPU benchmark's pieces, checked on CPU: FLOP counts, device peaks, and a baseline that feeds
 the network what the trainer feeds it."""
 
-import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -207,33 +206,53 @@ def test_baseline_still_fails_on_errors_that_are_not_the_workers(params, small, 
                                   warmup_steps=1, steps=2, workers=1)
 
 
-class SlowLogger:
-    """An epoch callback standing in for MLflow's per-epoch logging."""
+def test_stage_wall_time_times_the_real_train_stage_in_a_throwaway_store(short, small,
+                                                                          monkeypatch, tmp_path):
 
-    def on_epoch_end(self, row):
-        time.sleep(0.2)
-
-
-def test_stage_wall_time_splits_the_stage_into_its_parts(short, small, monkeypatch):
     from cifar_alexnet.core import trainer
+    from cifar_alexnet.stages import train as stage
+    from cifar_alexnet import tracking
 
-    helpers = trainer.batched_logits, trainer.save_tensors
-    monkeypatch.setattr(throughput, "_stage_tracking",
-                        lambda params, directory: contextlib.nullcontext([SlowLogger()]))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mine.db'}")
+    stores = []
+    monkeypatch.setattr(tracking.EpochLogger, "on_epoch_end",  # a slow store, seen per epoch
+                        lambda self, row, logged=tracking.EpochLogger.on_epoch_end: (
+                            stores.append(os.environ["MLFLOW_TRACKING_URI"]), time.sleep(0.2),
+                            logged(self, row))[-1])
+    patched = (trainer.batched_logits, trainer.Checkpointer.save, stage.fit, stage.load_split,
+               tracking.training_run, tracking.log_figure, tracking.EpochLogger.on_epoch_end)
     # short: checkpoint_seconds 0, so a checkpoint after each of the 2 epochs
     result = throughput.stage_wall_time(short, small.head({"train": 64, "val": 16}),
-                                   torch.device("cpu"), epochs=2)
+                                        torch.device("cpu"), epochs=2)
     seconds = result["seconds"]
     assert list(seconds) == list(throughput.STAGE_PARTS)
     assert sum(seconds.values()) == pytest.approx(result["wall_seconds"])
-    assert all(seconds[part] > 0 for part in ("loop", "evaluation", "checkpoint", "model_file"))
-    assert seconds["logging"] >= 0.4  # both epochs' callbacks, and not counted as loop
+    assert all(seconds[part] > 0 for part in ("load", "to_device", "loop", "evaluation",
+                                              "checkpoint", "model_file"))
+    assert seconds["logging"] >= 0.4  # both epochs' metrics, and not counted as loop
     assert result["overhead"] == pytest.approx(
         (result["wall_seconds"] - seconds["loop"]) / seconds["loop"])
     assert result["checkpoints"] == 2 and result["checkpoint_bytes"] > 0
-    assert result["mlflow_logging"] is True  # a logging callback was there
+    assert result["mlflow_logging"] is True
     assert [row["epoch"] for row in result["history"]] == [1, 2]
-    assert (trainer.batched_logits, trainer.save_tensors) == helpers  # put back
+    # the stage logged to a throwaway store, not the caller's, which is as it was
+    assert len(stores) == 2 and "mine.db" not in stores[0]
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path / 'mine.db'}"
+    assert not (tmp_path / "mine.db").exists()
+    assert (trainer.batched_logits, trainer.Checkpointer.save, stage.fit, stage.load_split,
+            tracking.training_run, tracking.log_figure,
+            tracking.EpochLogger.on_epoch_end) == patched  # put back
+
+
+def test_stage_wall_time_times_the_training_core_where_the_stage_cannot_run(short, small,
+                                                                            monkeypatch):
+    monkeypatch.setitem(sys.modules, "cifar_alexnet.stages.train", None)  # as without MLflow
+    result = throughput.stage_wall_time(short, small.head({"train": 64, "val": 16}),
+                                        torch.device("cpu"), epochs=2)
+    assert result["mlflow_logging"] is False
+    assert result["seconds"]["load"] == result["seconds"]["logging"] == 0
+    assert result["checkpoints"] == 2 and result["seconds"]["loop"] > 0
+    assert sum(result["seconds"].values()) == pytest.approx(result["wall_seconds"])
 
 
 def test_generated_data_has_the_sizes_and_statistics_asked_for(monkeypatch):

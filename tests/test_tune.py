@@ -16,7 +16,7 @@ import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from cifar_alexnet.config import flatten, params_from_dict
+from cifar_alexnet.config import params_from_dict
 from cifar_alexnet.errors import ConfigError, PipelineError
 from cifar_alexnet.stages.train import apply_best_params
 from cifar_alexnet.best_params import (BEST_PARAMS_FILE, DROPOUT, LR, load_best_params,

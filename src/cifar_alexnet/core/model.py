@@ -8,7 +8,6 @@ layer, so training, evaluation and a served MLflow model cannot disagree about p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -186,7 +185,8 @@ def forward_flops(model: nn.Module, input_shape: Sequence[int] = IMAGE_SHAPE,
 
 
 def summary(model: nn.Module, input_shape: Sequence[int] = (2, *IMAGE_SHAPE)) -> str:
-    """A text table of every layer: output shape and parameter count (model on CPU)."""
+    """A text table of every layer: output shape and parameter count (a pass of zeros on the
+    model's device)."""
     rows: list[tuple[str, str, str, int]] = []
     hooks = []
     for name, module in model.named_modules():
@@ -199,7 +199,8 @@ def summary(model: nn.Module, input_shape: Sequence[int] = (2, *IMAGE_SHAPE)) ->
     model.eval()
     try:
         with torch.no_grad():
-            model(torch.zeros(*input_shape, dtype=torch.uint8))
+            model(torch.zeros(*input_shape, dtype=torch.uint8,
+                              device=next(model.parameters()).device))
     finally:
         model.train(was_training)
         for h in hooks:

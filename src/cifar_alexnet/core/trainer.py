@@ -25,12 +25,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from cifar_alexnet.config import TrainConfig
+from cifar_alexnet.config import ModelConfig, TrainConfig
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.files import atomic_path
 from cifar_alexnet.core.distributed import (World, all_sum, current_world, from_main,
                                             sync_buffers, training_device)
-from cifar_alexnet.core.model import FlipTTA
+from cifar_alexnet.core.model import Classifier, FlipTTA, build_model
 from cifar_alexnet.core.transforms import random_crop_flip
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def initial_model(config: ModelConfig, mean: Iterable[float], std: Iterable[float], *,
+                  seed: int, device: torch.device) -> Classifier:
+    """The model every training starts from (the train stage, a trial, the benchmarks): its
+    weights drawn from ``seed``, on ``device``, ready for :func:`fit`."""
+    seed_everything(seed)
+    return build_model(config, tuple(mean), tuple(std)).to(device)
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -42,20 +43,28 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
 def prepare(data: Cifar10, val_size: float, seed: int, out_dir: str | Path,
             source_md5: str | None = None) -> DatasetMeta:
     """Split, measure and write the prepared dataset; statistics come from the train split only."""
-    out_dir = Path(out_dir)
     train_idx, val_idx = stratified_split(data.train.labels, val_size, seed)
     splits = {
         "train": Batch(data.train.images[train_idx], data.train.labels[train_idx]),
         "val": Batch(data.train.images[val_idx], data.train.labels[val_idx]),
         "test": data.test,
     }
+    return write_prepared(out_dir, splits, data.class_names,
+                          {"val_size": val_size, "seed": seed, "source_md5": source_md5})
+
+
+def write_prepared(out_dir: str | Path, splits: dict[str, Batch], class_names: Sequence[str],
+                   provenance: dict[str, Any]) -> DatasetMeta:
+    """The prepared directory :mod:`cifar_alexnet.core.data` reads: the splits' arrays and a
+    meta.json with the train split's statistics, class counts and ``provenance``."""
+    out_dir = Path(out_dir)
     mean, std = channel_stats(splits["train"].images)
     flat = [channel for channel, s in zip("RGB", std) if s == 0]
     if flat:  # normalising by a zero std divides by zero; no real photograph set is this
         raise DataError(f"the training images have no variation in channel(s) "
                         f"{', '.join(flat)} (every pixel the same): not real images; the archive "
                         f"is corrupt or crafted; {REPLACE_HINT}")
-    meta = DatasetMeta(data.class_names, tuple(mean), tuple(std),
+    meta = DatasetMeta(tuple(class_names), tuple(mean), tuple(std),
                        {name: int(len(b.labels)) for name, b in splits.items()})
     # The arrays and the meta.json describing them are replaced together: a failed or killed
     # run leaves the previous prepared directory (or none), never new arrays with old statistics.
@@ -71,9 +80,7 @@ def prepare(data: Cifar10, val_size: float, seed: int, out_dir: str | Path,
             "sizes": meta.sizes,
             "class_counts": {name: np.bincount(b.labels, minlength=NUM_CLASSES).tolist()
                              for name, b in splits.items()},
-            "val_size": val_size,
-            "seed": seed,
-            "source_md5": source_md5,
+            **provenance,
         })
     log.info("prepared %s -> %s (mean %s, std %s)", meta.sizes, out_dir,
              np.round(mean, 4).tolist(), np.round(std, 4).tolist())

@@ -24,11 +24,11 @@ from cifar_alexnet.best_params import load_best_params, tuned_params
 from cifar_alexnet.config import DATA, TRAINING, Params, identity
 from cifar_alexnet.core.archive import Batch
 from cifar_alexnet.core.data import DatasetMeta, load_meta, load_split
-from cifar_alexnet.core.model import build_model, count_parameters, summary
+from cifar_alexnet.core.model import count_parameters, summary
 from cifar_alexnet.core.distributed import (World, current_world, process_group,
                                             share_from_main, training_device)
 from cifar_alexnet.core.trainer import (HISTORY_FIELDS, Checkpoint, Checkpointer, TrainResult,
-                                      fit, seed_everything, to_device)
+                                      fit, initial_model, to_device)
 from cifar_alexnet.core.transforms import CROP_PADDING, random_crop_flip
 from cifar_alexnet.files import write_json, write_text
 from cifar_alexnet.plots import history_figure, image_grid_figure, save as save_figure
@@ -162,10 +162,9 @@ def _train_stage(params: Params, prepared_dir: Path, outputs: TrainOutputs,
     meta = load_meta(prepared_dir)
     train_split, val_split = load_split(prepared_dir, "train"), load_split(prepared_dir, "val")
     device = training_device(params.train.device, world)
-    seed_everything(params.base.seed)
-    model = build_model(params.model, meta.mean, meta.std)
+    model = initial_model(params.model, meta.mean, meta.std, seed=params.base.seed,
+                          device=device)
     model_summary = summary(model)
-    model.to(device)
     log.info("training %s (width %s, %s parameters) on %s", params.model.arch,
              params.model.width, f"{count_parameters(model):,}", device)
     fingerprint = training_fingerprint(params)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import platform
@@ -38,8 +39,8 @@ from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.core.model import build_model, count_parameters, forward_flops
 from cifar_alexnet.core.data import SPLITS, load_meta, load_split
 from cifar_alexnet.stages.prepare import prepare
-from cifar_alexnet.core.trainer import (Accel, batched_logits, fit, make_optimizer, seed_everything,
-                                        to_device)
+from cifar_alexnet.core.trainer import (Accel, batched_logits, fit, initial_model,
+                                        make_optimizer, to_device)
 
 log = logging.getLogger(__name__)
 
@@ -333,8 +334,7 @@ def baseline_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainCo
 def _baseline_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainConfig,
                          device: torch.device, seed: int, warmup_steps: int, steps: int,
                          workers: int) -> dict[str, Any]:
-    seed_everything(seed)
-    net = build_model(model_config, data.mean, data.std).net.to(device)
+    net = initial_model(model_config, data.mean, data.std, seed=seed, device=device).net
     optimizer = make_optimizer(net, dataclasses.replace(cfg, fused_optimizer=False), device)
     dataset = TutorialDataset(data.train_images, data.train_labels,
                               tutorial_transform(data.mean, data.std))
@@ -391,8 +391,7 @@ def trainer_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainCon
     falls inside the window.
     """
     _check_steps(warmup_steps, steps)
-    seed_everything(seed)
-    model = build_model(model_config, data.mean, data.std).to(device)
+    model = initial_model(model_config, data.mean, data.std, seed=seed, device=device)
     images, labels = to_device(data.train_images, data.train_labels, device)
     # At least 8 steps: the schedule's length does not change a step's cost, and OneCycleLR
     # cannot schedule exactly 4 steps (its warm-up phase would be 0 steps long).
@@ -440,28 +439,6 @@ def trainer_throughput(model_config: ModelConfig, data: BenchData, cfg: TrainCon
 # The train stage's wall time
 
 
-@contextlib.contextmanager
-def _stage_tracking(params: Params, directory: Path) -> Iterator[list[Any]]:
-    """The train stage's MLflow run (params, per-epoch metrics) in a throwaway sqlite store,
-    through the tracking module as the stage does it; no callbacks where MLflow is not
-    installed (a GPU box with torch alone)."""
-    try:
-        from cifar_alexnet import tracking
-    except ImportError:
-        yield []
-        return
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{directory / 'mlflow.db'}"
-    try:
-        with tracking.training_run(params, {}):
-            yield [tracking.EpochLogger()]
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
-
-
 class _Split:
     """Wall seconds per part of a run, each part timed between device syncs so that GPU work
     queued by one part is not charged to the next."""
@@ -504,90 +481,187 @@ class _Split:
             setattr(module, name, original)
 
 
-class _TimedCallback:
-    """An epoch callback whose calls count as ``part``."""
-
-    def __init__(self, callback: Any, split: _Split, part: str) -> None:
-        self.callback, self.split, self.part = callback, split, part
-
-    def on_epoch_end(self, row: dict[str, float]) -> None:
-        with self.split.measure(self.part):
-            self.callback.on_epoch_end(row)
+STAGE_PARTS = ("load", "to_device", "loop", "evaluation", "checkpoint", "logging", "model_file",
+               "other")
 
 
-STAGE_PARTS = ("to_device", "loop", "evaluation", "checkpoint", "logging", "model_file", "other")
+@contextlib.contextmanager
+def _environment(name: str, value: str) -> Iterator[None]:
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+
+def _timed_context(split: _Split, factory: Callable[..., Any], part: str) -> Callable[..., Any]:
+    """``factory`` (a context-manager function) whose entering and leaving count as ``part``."""
+
+    @contextlib.contextmanager
+    def timed(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        manager = factory(*args, **kwargs)
+        with split.measure(part):
+            value = manager.__enter__()
+        try:
+            yield value
+        except BaseException as exc:
+            with split.measure(part):
+                if not manager.__exit__(type(exc), exc, exc.__traceback__):
+                    raise
+        else:
+            with split.measure(part):
+                manager.__exit__(None, None, None)
+
+    return timed
+
+
+# What the train stage logs through (tracking.X, looked up at each call): timed as logging.
+_STAGE_LOGGING_CALLS = ("lineage_tags", "log_dataset", "log_text", "log_dict", "log_figure",
+                        "log_metrics")
+
+
+def _time_stage(stage: Any, params: Params, data: BenchData, tmp: Path,
+                split: _Split) -> tuple[list[dict[str, float]], float]:
+    """The real train stage on ``data`` (written as a prepared directory), logging to a
+    throwaway sqlite store; the parts timed through the names it looks up at each call."""
+    from cifar_alexnet import tracking
+    from cifar_alexnet.core.cifar10 import OFFICIAL_CLASS_NAMES
+    from cifar_alexnet.core.archive import Batch
+    from cifar_alexnet.stages.prepare import write_prepared
+
+    prepared = tmp / "prepared"
+    write_prepared(prepared, {name: Batch(getattr(data, f"{name}_images"),
+                                          getattr(data, f"{name}_labels")) for name in SPLITS},
+                   OFFICIAL_CLASS_NAMES, {"source": data.source})
+    outputs = stage.TrainOutputs(tmp / "models", tmp / "train.json", tmp / "history.csv",
+                                 checkpoint=tmp / "train.pt")
+    fits: list[Any] = []
+
+    def fit_and_keep(*args: Any, **kwargs: Any) -> Any:
+        fits.append(stage_fit(*args, **kwargs))
+        return fits[-1]
+
+    stage_fit = stage.fit
+    with contextlib.ExitStack() as patches:
+        patches.enter_context(_environment("MLFLOW_TRACKING_URI",
+                                           f"sqlite:///{tmp / 'mlflow.db'}"))
+        for name in ("load_meta", "load_split"):
+            patches.enter_context(split.calls_of(stage, name, "load"))
+        patches.enter_context(split.calls_of(stage, "to_device", "to_device"))
+        patches.enter_context(split.calls_of(stage, "save_trained_model", "model_file"))
+        for name in _STAGE_LOGGING_CALLS:
+            patches.enter_context(split.calls_of(tracking, name, "logging"))
+        patches.enter_context(split.calls_of(tracking.EpochLogger, "on_epoch_end",
+                                             "epoch_logging"))
+        original_run = tracking.training_run
+        tracking.training_run = _timed_context(split, original_run, "logging")
+        patches.callback(setattr, tracking, "training_run", original_run)
+        stage.fit = fit_and_keep
+        patches.callback(setattr, stage, "fit", stage_fit)
+        patches.enter_context(split.calls_of(stage, "fit", "fit"))
+        with split.measure("wall"):
+            stage.train_stage(params, prepared, outputs)
+    (result,) = fits
+    return result.history, result.best_val_acc
+
+
+def _time_training_core(params: Params, data: BenchData, device: torch.device, tmp: Path,
+                        split: _Split) -> tuple[list[dict[str, float]], float]:
+    """What the train stage runs of torch alone, as it calls it: no load, no logging."""
+    from cifar_alexnet.core.trainer import Checkpointer
+    from cifar_alexnet.stages.artifacts import save_trained_model
+
+    with split.measure("wall"):
+        model = initial_model(params.model, data.mean, data.std, seed=params.base.seed,
+                              device=device)
+        with split.measure("to_device"):
+            train = to_device(data.train_images, data.train_labels, device)
+            val = to_device(data.val_images, data.val_labels, device)
+        with split.measure("fit"):
+            result = fit(model, (train, val), params.train, seed=params.base.seed,
+                         checkpointer=Checkpointer(tmp / "train.pt"),
+                         eval_batch_size=params.evaluate.batch_size)
+        model.load_state_dict(result.best_state)
+        with split.measure("model_file"):
+            save_trained_model(tmp, model, [str(i) for i in range(10)], result.best_epoch,
+                               result.best_val_acc, "bench")
+    del model, train, val
+    _release(device)
+    return result.history, result.best_val_acc
 
 
 def stage_wall_time(params: Params, data: BenchData, device: torch.device,
                     epochs: int) -> dict[str, Any]:
-    """The train stage's wall time for ``epochs`` epochs on ``data``, split into its parts:
+    """The train stage's wall time for ``epochs`` epochs on ``data``, split into its parts.
 
+    Where MLflow is installed this is the stage itself (``stages.train.train_stage``) on
+    ``data`` written as a prepared directory, logging to a throwaway sqlite store; with torch
+    alone (a GPU box) the stage cannot run, and its training core runs as the stage calls it:
+    :func:`initial_model`, :func:`fit` with a checkpointer, the model file (``mlflow_logging``
+    False, ``load`` 0). The parts, each timed between device syncs:
+
+    - ``load``: the prepared splits from disk; ``to_device``: onto the training device;
     - ``loop``: fit's training steps and per-epoch bookkeeping (fit's time less the parts below
-      that happen inside it);
-    - ``evaluation``: the per-epoch validation pass;
+      that happen inside it); ``evaluation``: the per-epoch validation pass;
     - ``checkpoint``: the resume checkpoints (every ``train.checkpoint_seconds`` and after the
       last epoch);
-    - ``logging``: the MLflow run (its start, params, per-epoch metrics, its end) as the stage
-      does it through the tracking module, in a throwaway sqlite store; 0 where MLflow is not
-      installed (``mlflow_logging`` False: a GPU box with torch alone);
-    - ``to_device``, ``model_file`` (the best weights into ``model.pt``), and ``other`` (the
-      rest of the wall time: restoring the best weights, opening the temporary directory).
+    - ``logging``: the MLflow run (its start and end, params, per-epoch metrics, inputs,
+      figures, results);
+    - ``model_file`` (the best weights into ``model.pt``) and ``other`` (the rest: building the
+      model and its summary, the metrics and history files).
 
     ``overhead`` is everything but the loop, as a fraction of the loop.
     """
     from cifar_alexnet.core import trainer
-    from cifar_alexnet.stages.artifacts import save_trained_model
 
-    cfg = dataclasses.replace(params.train, epochs=epochs)
-    split = _Split(device)
-    seed_everything(params.base.seed)
-    model = build_model(params.model, data.mean, data.std).to(device)
-    with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp, \
-            contextlib.ExitStack() as stack:
-        split.sync()
-        started = time.perf_counter()
-        with split.measure("run_logging"):
-            callbacks = stack.enter_context(_stage_tracking(params, Path(tmp)))
-        mlflow_logging = bool(callbacks)
-        with split.measure("to_device"):
-            train = to_device(data.train_images, data.train_labels, device)
-            val = to_device(data.val_images, data.val_labels, device)
-        with split.calls_of(trainer, "batched_logits", "evaluation"), \
-                split.calls_of(trainer, "save_tensors", "checkpoint"), \
-                split.measure("fit"):
-            result = fit(model, (train, val), cfg, seed=params.base.seed,
-                         callbacks=[_TimedCallback(c, split, "epoch_logging")
-                                    for c in callbacks],
-                         checkpointer=trainer.Checkpointer(Path(tmp) / "train.pt"),
-                         eval_batch_size=params.evaluate.batch_size)
-        model.load_state_dict(result.best_state)
-        with split.measure("model_file"):
-            save_trained_model(Path(tmp), model, [str(i) for i in range(10)], result.best_epoch,
-                               result.best_val_acc, "bench")
-        with split.measure("run_logging"):
-            stack.close()  # ends the MLflow run
-        wall = time.perf_counter() - started
-        checkpoint_bytes = (Path(tmp) / "train.pt").stat().st_size
-    del model, train, val
-    _release(device)
-    seconds = {part: split.seconds.get(part, 0.0) for part in (
-        "to_device", "evaluation", "checkpoint", "model_file")}
-    seconds["logging"] = split.seconds.get("run_logging", 0.0) + split.seconds.get(
-        "epoch_logging", 0.0)
+    params = dataclasses.replace(params, train=dataclasses.replace(
+        params.train, epochs=epochs, device=device.type))
+    split, checkpoint_bytes = _Split(device), []
+    original_save = trainer.Checkpointer.save
+
+    def save_and_measure(checkpointer: Any, checkpoint: Any) -> None:
+        original_save(checkpointer, checkpoint)
+        checkpoint_bytes.append(checkpointer.path.stat().st_size)
+
+    trainer.Checkpointer.save = save_and_measure
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp, \
+                split.calls_of(trainer, "batched_logits", "evaluation"), \
+                split.calls_of(trainer.Checkpointer, "save", "checkpoint"):
+            try:
+                stage = importlib.import_module("cifar_alexnet.stages.train")
+            except ImportError as exc:  # MLflow (or matplotlib) missing: torch alone
+                log.info("stage wall time: the train stage cannot run here (%s); timing its "
+                         "training core", exc)
+                history, best_val_acc = _time_training_core(params, data, device, Path(tmp),
+                                                            split)
+                mlflow_logging = False
+            else:
+                history, best_val_acc = _time_stage(stage, params, data, Path(tmp), split)
+                mlflow_logging = True
+    finally:
+        trainer.Checkpointer.save = original_save
+    seconds = {part: split.seconds.get(part, 0.0) for part in STAGE_PARTS}
     seconds["loop"] = (split.seconds["fit"] - seconds["evaluation"] - seconds["checkpoint"]
                        - split.seconds.get("epoch_logging", 0.0))
-    seconds["other"] = max(wall - sum(seconds.values()), 0.0)
+    seconds["logging"] += split.seconds.get("epoch_logging", 0.0)
+    wall = split.seconds["wall"]
+    seconds["other"] = max(wall - sum(v for k, v in seconds.items() if k != "other"), 0.0)
     images = epochs * len(data.train_labels)
     return {"epochs": epochs, "train_images": len(data.train_labels),
-            "batch_size": cfg.batch_size, "wall_seconds": wall,
-            "seconds": {part: seconds[part] for part in STAGE_PARTS},
-            "overhead": (wall - seconds["loop"]) / seconds["loop"],
+            "batch_size": params.train.batch_size, "wall_seconds": wall,
+            "seconds": seconds, "overhead": (wall - seconds["loop"]) / seconds["loop"],
             "loop_images_per_s": images / seconds["loop"],
-            "checkpoints": split.calls.get("checkpoint", 0), "checkpoint_bytes": checkpoint_bytes,
-            "checkpoint_seconds_setting": cfg.checkpoint_seconds,
-            "mlflow_logging": mlflow_logging, "best_val_acc": result.best_val_acc,
+            "checkpoints": len(checkpoint_bytes),
+            "checkpoint_bytes": max(checkpoint_bytes, default=0),
+            "checkpoint_seconds_setting": params.train.checkpoint_seconds,
+            "mlflow_logging": mlflow_logging, "best_val_acc": best_val_acc,
             "history": [{k: row[k] for k in ("epoch", "seconds", "train_loss", "val_acc")}
-                        for row in result.history]}
+                        for row in history]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,8 +703,8 @@ def time_to_accuracy(params: Params, data: BenchData, device: torch.device, targ
     run ends after the recipe's last epoch or after the first epoch that ends past the budget;
     only epochs that end within the budget count for ``best_acc_within_budget``.
     """
-    seed_everything(params.base.seed)
-    model = build_model(params.model, data.mean, data.std).to(device)
+    model = initial_model(params.model, data.mean, data.std, seed=params.base.seed,
+                          device=device)
     train = to_device(data.train_images, data.train_labels, device)
     val = to_device(data.val_images, data.val_labels, device)
     test_images, test_labels = to_device(data.test_images, data.test_labels, device)

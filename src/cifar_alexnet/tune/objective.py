@@ -17,9 +17,8 @@ from cifar_alexnet.best_params import DROPOUT, LR, tuned_params
 from cifar_alexnet.config import Params
 from cifar_alexnet.core.architectures import ARCHITECTURES
 from cifar_alexnet.core.data import load_meta, load_split
-from cifar_alexnet.core.model import build_model
-from cifar_alexnet.core.trainer import (TrainingDiverged, fit, resolve_device, seed_everything,
-                                      to_device)
+from cifar_alexnet.core.trainer import (TrainingDiverged, fit, initial_model, resolve_device,
+                                        to_device)
 from cifar_alexnet.redact import redact_url
 
 from .report import summarize, write_outputs
@@ -76,8 +75,8 @@ class Objective:
         trial.set_user_attr("mlflow_parent_run_id", self.parent_run_id)
         with tracking.trial_run(self.study_name, trial.number, values) as run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
-            seed_everything(params.base.seed)  # same init for every trial
-            model = build_model(params.model, self.meta.mean, self.meta.std).to(self.device)
+            model = initial_model(params.model, self.meta.mean, self.meta.std,
+                                  seed=params.base.seed, device=self.device)  # same init each
             try:
                 result = fit(model, (self.train, self.val), cfg, seed=params.base.seed,
                              callbacks=[tracking.EpochLogger(), _TrialReporter(trial, tune.metric)],
