@@ -17,13 +17,30 @@ from cifar_alexnet.config import params_from_dict
 from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.stages.prepare import prepare
 from cifar_alexnet.tools.synthetic import write_synthetic_archive
-from helpers import (Archive, S3Server, free_port, stop_process_group, subprocess_env,
-                     tiny_params, wait_for_http)
+from helpers import (MLFLOW_EXPORTS, NO_SERVER_JOBS, Archive, S3Server, free_port,
+                     stop_process_group, subprocess_env, tiny_params, wait_for_http)
 
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 POSTGRES_ENV = "CIFAR_TEST_POSTGRES_URL"
+
+
+@pytest.fixture(autouse=True)
+def isolated_mlflow_store() -> Iterator[None]:
+    """Each test starts with the tracking store the session started with: a store one test set
+    in-process (``mlflow.set_tracking_uri``, which also exports ``MLFLOW_TRACKING_URI``) would
+    otherwise take precedence over the store the next test names, depending on test order."""
+    before = {name: os.environ.get(name) for name in MLFLOW_EXPORTS}
+    yield
+    mlflow = sys.modules.get("mlflow")
+    if mlflow is not None:
+        mlflow.set_tracking_uri(None)
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")
@@ -140,8 +157,7 @@ def team_server(postgres: str, s3_server: S3Server,
     port = free_port()
     # The server alone holds the S3 credentials; job execution off: MLflow 3.17 otherwise
     # starts 7 job workers and takes over a minute to answer.
-    env = subprocess_env(MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint,
-                         MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
+    env = subprocess_env(MLFLOW_S3_ENDPOINT_URL=s3_server.endpoint, **NO_SERVER_JOBS,
                          **s3_server.credentials_env())
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,

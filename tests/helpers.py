@@ -63,13 +63,16 @@ def write_params(path: Path, raw: dict[str, Any]) -> Path:
     return path
 
 
+# What MLflow exports from set_tracking_uri/set_experiment/start_run in this process.
+MLFLOW_EXPORTS = ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
+                  "MLFLOW_EXPERIMENT_NAME")
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """Environment for child processes: this interpreter's bin first (DVC runs `python`)."""
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    # MLflow exports these from set_tracking_uri/set_experiment/start_run in this process
-    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID",
-                 "MLFLOW_EXPERIMENT_NAME"):
+    for name in MLFLOW_EXPORTS:
         env.pop(name, None)
     env.update(extra)
     return env
@@ -107,6 +110,12 @@ def stage_script(name: str, *args: str, cwd: Path) -> subprocess.CompletedProces
     return run([sys.executable, str(ROOT / "pipeline" / f"{name}.py"), *args], cwd=cwd)
 
 
+# `mlflow server` and `mlflow ui` (3.17) start job workers unless told not to: about 6 s more
+# before they answer, and processes that compete for the 2 CPUs of a test machine. Nothing here
+# uses MLflow's server-side jobs (docs/team.md sets the same for the team's server).
+NO_SERVER_JOBS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -141,7 +150,7 @@ class MlflowServer:
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
              f"sqlite:///{self.store}", "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1"],
-            cwd=self.cwd, env=subprocess_env(), stdout=subprocess.DEVNULL,
+            cwd=self.cwd, env=subprocess_env(**NO_SERVER_JOBS), stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL, start_new_session=True)
         wait_for_http(f"{self.uri}/health", self.process, 90, "mlflow server")
         return self

@@ -458,12 +458,13 @@ def test_sigterm_stops_between_batches_with_its_own_message(model_project, test_
             head = read_pipe(out, deadline, 100)
             child.send_signal(signal.SIGTERM)
             printed = head + read_pipe(out, deadline)
-            assert child.wait(timeout=60) == 130
+            status = child.wait(timeout=60)
         finally:
             os.close(out)
             child.kill()
         err.seek(0)
         stderr = err.read().decode()
+    assert status == 130, stderr[-3000:]
     rows = json.loads(printed)  # what was printed is complete: the array is closed
     assert 1 <= len(rows) < len(files)
     assert [row["file"] for row in rows] == files[:len(rows)]

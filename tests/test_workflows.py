@@ -31,8 +31,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from helpers import (dvc, free_port, make_project, run, subprocess_env, tiny_params,
-                      wait_for_http)
+from helpers import (NO_SERVER_JOBS, dvc, free_port, make_project, run, subprocess_env,
+                     tiny_params, wait_for_http)
 
 pytestmark = pytest.mark.slow
 
@@ -485,8 +485,8 @@ def test_mlflow_ui_in_a_real_browser_lists_the_runs_and_their_dataset(matrix, tm
     ui = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
          f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=project, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+        cwd=project, env=subprocess_env(**NO_SERVER_JOBS), stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_for_http(f"http://127.0.0.1:{port}/health", ui, 90, "mlflow ui")
         training = store(project).get_run(read_json(project / "models/mlflow_run.json")
