@@ -5,7 +5,9 @@ and prints one table, slowest module first, with the wall time of the whole run.
     python bench/suite_time.py -m "not slow"   # any pytest arguments
 
 Seconds per module are setup + call + teardown of its tests (session fixtures count where they
-are first used), from pytest's JUnit XML. A measurement, not a test: nothing fails on time.
+are first used), from pytest's JUnit XML; with pytest-xdist's workers (the default, see
+pyproject.toml) they add up to more than the wall time. A measurement, not a test: nothing
+fails on time.
 """
 
 from __future__ import annotations
