@@ -337,6 +337,32 @@ class RunsCode:
         return os.system, (f"touch {self.marker}",)
 
 
+def test_an_interrupt_while_a_picture_decodes_stops_instead_of_skipping_the_file(
+        tmp_path, test_images, monkeypatch):
+    """A signal arriving inside a decoder's C code can surface as a SystemError whose context is
+    the KeyboardInterrupt: it must stop cifar-predict, not count as one unreadable file."""
+    import cifar_alexnet.pictures as pictures
+
+    save_png(tmp_path / "a.png", test_images[0])
+
+    def interrupted(file, min_side):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise SystemError("<built-in method decode> returned a result with an exception set")
+
+    monkeypatch.setattr(pictures, "_decode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        read_image(tmp_path / "a.png")
+
+    def broken(file, min_side):  # the decoder's own failure is still that file's problem
+        raise SystemError("a broken decoder")
+
+    monkeypatch.setattr(pictures, "_decode", broken)
+    with pytest.raises(PictureError, match="a broken decoder"):
+        read_image(tmp_path / "a.png")
+
+
 def test_a_model_that_would_run_code_is_refused_and_a_damaged_one_named(tmp_path):
     models, marker = tmp_path / "models", tmp_path / "code-ran"
     models.mkdir()

@@ -80,8 +80,24 @@ def decode_picture(path: Path, min_side: int) -> np.ndarray:
             raise PictureError(_too_many_pixels(str(exc))) from None
         except Exception as exc:  # noqa: BLE001 (a damaged or hostile file makes a decoder
             # raise almost any type; it is one bad file, and the others are still classified)
+            interrupt = _interrupt_in(exc)
+            if interrupt is not None:  # Ctrl-C or SIGTERM, not the file: stop as asked
+                raise interrupt from None
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise PictureError(f"cannot be read as an image ({reason})") from None
+
+
+def _interrupt_in(exc: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt an exception wraps, if any: a signal that arrives while C code
+    runs can surface as a SystemError ("returned a result with an exception set") whose context
+    is the interrupt; reported as an unreadable file, it would be lost."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _decode(file: BinaryIO, min_side: int) -> np.ndarray:
