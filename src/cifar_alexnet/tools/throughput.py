@@ -464,15 +464,20 @@ class _Split:
             self.calls[part] = self.calls.get(part, 0) + 1
 
     @contextlib.contextmanager
-    def calls_of(self, module: Any, name: str, part: str) -> Iterator[None]:
+    def calls_of(self, module: Any, name: str, part: str,
+                 seen: Callable[[tuple[Any, ...], Any], None] | None = None) -> Iterator[None]:
         """Time every call of ``module.name`` as ``part`` while inside: for functions that fit()
         looks up in its module at each call (its validation pass, its checkpoint writes), so
-        fit itself is measured unchanged."""
+        fit itself is measured unchanged. ``seen(args, result)`` is told of each call after
+        it, outside the timing."""
         original = getattr(module, name)  # AttributeError: fit's helper was renamed
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             with self.measure(part):
-                return original(*args, **kwargs)
+                result = original(*args, **kwargs)
+            if seen is not None:
+                seen(args, result)
+            return result
 
         setattr(module, name, timed)
         try:
@@ -540,12 +545,6 @@ def _time_stage(stage: Any, params: Params, data: BenchData, tmp: Path,
     outputs = stage.TrainOutputs(tmp / "models", tmp / "train.json", tmp / "history.csv",
                                  checkpoint=tmp / "train.pt")
     fits: list[Any] = []
-
-    def fit_and_keep(*args: Any, **kwargs: Any) -> Any:
-        fits.append(stage_fit(*args, **kwargs))
-        return fits[-1]
-
-    stage_fit = stage.fit
     with contextlib.ExitStack() as patches:
         patches.enter_context(_environment("MLFLOW_TRACKING_URI",
                                            f"sqlite:///{tmp / 'mlflow.db'}"))
@@ -560,9 +559,8 @@ def _time_stage(stage: Any, params: Params, data: BenchData, tmp: Path,
         original_run = tracking.training_run
         tracking.training_run = _timed_context(split, original_run, "logging")
         patches.callback(setattr, tracking, "training_run", original_run)
-        stage.fit = fit_and_keep
-        patches.callback(setattr, stage, "fit", stage_fit)
-        patches.enter_context(split.calls_of(stage, "fit", "fit"))
+        patches.enter_context(split.calls_of(stage, "fit", "fit",
+                                             seen=lambda _args, result: fits.append(result)))
         with split.measure("wall"):
             stage.train_stage(params, prepared, outputs)
     (result,) = fits
@@ -621,30 +619,24 @@ def stage_wall_time(params: Params, data: BenchData, device: torch.device,
     params = dataclasses.replace(params, train=dataclasses.replace(
         params.train, epochs=epochs, device=device.type))
     split, checkpoint_bytes = _Split(device), []
-    original_save = trainer.Checkpointer.save
 
-    def save_and_measure(checkpointer: Any, checkpoint: Any) -> None:
-        original_save(checkpointer, checkpoint)
+    def measure_file(args: tuple[Any, ...], _result: Any) -> None:
+        checkpointer = args[0]
         checkpoint_bytes.append(checkpointer.path.stat().st_size)
 
-    trainer.Checkpointer.save = save_and_measure
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp, \
-                split.calls_of(trainer, "batched_logits", "evaluation"), \
-                split.calls_of(trainer.Checkpointer, "save", "checkpoint"):
-            try:
-                stage = importlib.import_module("cifar_alexnet.stages.train")
-            except ImportError as exc:  # MLflow (or matplotlib) missing: torch alone
-                log.info("stage wall time: the train stage cannot run here (%s); timing its "
-                         "training core", exc)
-                history, best_val_acc = _time_training_core(params, data, device, Path(tmp),
-                                                            split)
-                mlflow_logging = False
-            else:
-                history, best_val_acc = _time_stage(stage, params, data, Path(tmp), split)
-                mlflow_logging = True
-    finally:
-        trainer.Checkpointer.save = original_save
+    with tempfile.TemporaryDirectory(prefix="bench-stage-") as tmp, \
+            split.calls_of(trainer, "batched_logits", "evaluation"), \
+            split.calls_of(trainer.Checkpointer, "save", "checkpoint", seen=measure_file):
+        try:
+            stage = importlib.import_module("cifar_alexnet.stages.train")
+        except ImportError as exc:  # MLflow (or matplotlib) missing: torch alone
+            log.info("stage wall time: the train stage cannot run here (%s); timing its "
+                     "training core", exc)
+            history, best_val_acc = _time_training_core(params, data, device, Path(tmp), split)
+            mlflow_logging = False
+        else:
+            history, best_val_acc = _time_stage(stage, params, data, Path(tmp), split)
+            mlflow_logging = True
     seconds = {part: split.seconds.get(part, 0.0) for part in STAGE_PARTS}
     seconds["loop"] = (split.seconds["fit"] - seconds["evaluation"] - seconds["checkpoint"]
                        - split.seconds.get("epoch_logging", 0.0))
