@@ -212,10 +212,12 @@ def test_member_larger_than_any_cifar_file_is_refused_before_reading(tmp_path, m
 
 # --- Files that are not a gzip'd tar at all ----------------------------------------------------
 
+# Named ids: pytest-xdist's workers must collect the same ids, and gzip's header holds the time
+# it was compressed.
 @pytest.mark.parametrize("content", [
-    b"",                                            # empty (an interrupted copy)
-    b"<html>404 Not Found</html>\n",                # an error page saved under the archive's name
-    gzip.compress(b"not a tar archive at all" * 100),  # gzip, but no tar inside
+    pytest.param(b"", id="empty"),  # an interrupted copy
+    pytest.param(b"<html>404 Not Found</html>\n", id="error-page"),  # saved under its name
+    pytest.param(gzip.compress(b"not a tar archive at all" * 100), id="gzip-without-tar"),
 ])
 def test_files_that_are_not_a_gzipped_tar_are_reported(tmp_path, content):
     path = tmp_path / "cifar-10-python.tar.gz"
