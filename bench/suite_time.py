@@ -37,7 +37,7 @@ def table(times: dict[str, tuple[int, float]], wall: float) -> str:
     total = sum(s for _, s in times.values())
     lines = ["| module | tests | seconds | share |", "|---|---:|---:|---:|"]
     for module, (tests, seconds) in sorted(times.items(), key=lambda kv: -kv[1][1]):
-        lines.append(f"| {module} | {tests} | {seconds:.0f} | {seconds / total:.0%} |")
+        lines.append(f"| {module} | {tests} | {seconds:.0f} | {seconds / (total or 1):.0%} |")
     lines.append(f"| **all** | {sum(n for n, _ in times.values())} | {total:.0f} | |")
     lines.append("")
     lines.append(f"wall time of the run (collection included): {wall:.0f} s = {wall / 60:.1f} min")
