@@ -35,8 +35,8 @@ def main() -> None:
     print("running:", " ".join(["dvc", *command[3:]]), flush=True)
     from cifar_alexnet import tracking
 
-    with tracking.project_invocation(params):
-        sys.exit(subprocess.call(command))
+    with tracking.project_invocation(params) as environment:
+        sys.exit(subprocess.call(command, env=environment))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ params.yaml do not count), and a new SQLite store opened by several stages at on
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -79,7 +80,7 @@ go = Path(sys.argv[1])
 Path(f"{go}.{os.getpid()}").touch()          # ready
 while not go.exists():
     time.sleep(0.01)
-tracking.use_default_store()                 # MLFLOW_TRACKING_URI: a store nobody opened yet
+tracking.connect()                           # MLFLOW_TRACKING_URI: a store nobody opened yet
 """
 
 
@@ -113,8 +114,8 @@ def test_importing_tracking_changes_no_environment_and_the_first_store_check_con
             "names = ('MLFLOW_HTTP_REQUEST_MAX_RETRIES', 'MLFLOW_HTTP_REQUEST_TIMEOUT')\n"
             "from cifar_alexnet import tracking\n"
             "print([os.environ.get(n) for n in names])\n"
-            f"mlflow.set_tracking_uri('sqlite:///{tmp_path / 'mlflow.db'}')\n"
-            "tracking.check_store()\n"
+            f"os.environ['MLFLOW_TRACKING_URI'] = 'sqlite:///{tmp_path / 'mlflow.db'}'\n"
+            "tracking.connect()\n"
             "print([os.environ.get(n) for n in names])\n")
     for user_timeout, expected in ((None, "['2', '20']"), ("7", "['2', '7']")):
         extra = {"MLFLOW_HTTP_REQUEST_TIMEOUT": user_timeout} if user_timeout else {}
@@ -127,3 +128,41 @@ def test_importing_tracking_changes_no_environment_and_the_first_store_check_con
         assert result.returncode == 0, result.stderr[-2000:]
         before, after = result.stdout.splitlines()
         assert before == f"[None, {user_timeout!r}]" and after == expected
+
+
+def test_a_process_configures_its_store_once_and_again_only_for_another_uri(tmp_path,
+                                                                            monkeypatch):
+    """`connect()` is what every tracking call asks for the store: the first call configures
+    and checks it (an SQLite store is created then), later ones return it without touching
+    the store, and a changed MLFLOW_TRACKING_URI (a test, the benchmark's throwaway store)
+    gets the other store configured and checked in its turn."""
+    from cifar_alexnet import tracking
+
+    first, other = tmp_path / "first.db", tmp_path / "other.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{first}")
+    store = tracking.connect()
+    assert store == tracking.Store(f"sqlite:///{first}", is_default=False, parent_run=None)
+    assert first.is_file()  # checked: MLflow made its tables
+    first.unlink()
+    assert tracking.connect() is store and not first.exists()  # not configured again
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{other}")
+    assert tracking.connect().uri == f"sqlite:///{other}" and other.is_file()
+
+
+def test_without_a_uri_the_store_is_the_repositorys_and_mlflow_runs_run_is_taken_as_parent(
+        tmp_path, monkeypatch):
+    """No MLFLOW_TRACKING_URI: the repository's mlflow.db, also from inside a temporary DVC
+    experiment copy; the run `mlflow run` hands over (MLFLOW_RUN_ID) becomes the parent of the
+    process's runs and leaves the environment, where mlflow.start_run would resume it."""
+    from cifar_alexnet import tracking
+
+    copy = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpcopy"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_RUN_ID", "0123abcd")
+    store = tracking.connect()
+    assert store.uri == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}" and store.is_default
+    assert store.parent_run == "0123abcd" and "MLFLOW_RUN_ID" not in os.environ
+    assert (tmp_path / "repo" / "mlflow.db").is_file() and not (copy / "mlflow.db").exists()

@@ -3,8 +3,8 @@
 - :mod:`.store`: which tracking store (``MLFLOW_TRACKING_URI`` when set, else
   ``sqlite:///<root>/mlflow.db`` with artifacts in ``<root>/mlruns``, where ``<root>`` is the
   repository, also for `dvc exp run --temp`/`--queue`, which run in a temporary copy: see
-  workspace.py), so ``mlflow ui`` started from the repository shows every run; made usable once
-  per store and process.
+  workspace.py), so ``mlflow ui`` started from the repository shows every run; configured and
+  checked once per process (:func:`.store.connect`).
 - :mod:`.runs`: the runs of stages, studies and trials, and what they log.
 - :mod:`.registry`: the Model Registry and its promotion gate.
 
@@ -22,17 +22,17 @@ from cifar_alexnet.tracking.runs import (CHECKPOINT_TAG, CLASS_NAMES_KEY, EVALUA
                                          log_metrics, log_model, log_params, log_text, mark_killed,
                                          project_invocation, run_exists, run_label, set_tags,
                                          study_run, training_run, trial_run)
-from cifar_alexnet.tracking.store import (DEFAULT_ARTIFACTS, DEFAULT_DB, TrackingUnavailable,
-                                          check_store, use_default_store)
+from cifar_alexnet.tracking.store import (DEFAULT_ARTIFACTS, DEFAULT_DB, Store,
+                                          TrackingUnavailable, connect)
 
 __all__ = [
     "ACCURACY_TAG", "CHALLENGER", "CHAMPION", "CHECKPOINT_TAG", "CLASS_NAMES_KEY",
     "DEFAULT_ARTIFACTS", "DEFAULT_DB", "EVALUATE_STATUS_TAG", "MODEL_ARTIFACT", "PROMOTION_TAG",
-    "SETTLED_BY_TAG", "Candidate", "EpochLogger", "Promotion", "TrackingUnavailable",
-    "active_run_id", "champion_for", "check_store", "close_runs_of_checkpoint",
+    "SETTLED_BY_TAG", "Candidate", "EpochLogger", "Promotion", "Store", "TrackingUnavailable",
+    "active_run_id", "champion_for", "close_runs_of_checkpoint", "connect",
     "evaluation_run", "experiment_url", "git_state", "lineage_tags", "load_logged_model",
     "log_dataset", "log_dict", "log_figure", "log_files", "log_image", "log_metrics",
     "log_model", "log_params", "log_text", "mark_killed", "project_invocation",
     "register_and_gate", "run_exists", "run_label", "set_tags", "study_run", "training_run",
-    "trial_run", "use_default_store",
+    "trial_run",
 ]

@@ -30,8 +30,8 @@ from mlflow.models import infer_signature
 from cifar_alexnet.config import Params, flatten
 from cifar_alexnet.errors import PipelineError
 from cifar_alexnet.redact import redact_url
-from cifar_alexnet.tracking.store import (DEFAULT_ARTIFACTS, TrackingUnavailable, unavailable,
-                                          use_default_store)
+from cifar_alexnet.tracking.store import (DEFAULT_ARTIFACTS, TrackingUnavailable, connect,
+                                          nest_under, unavailable)
 from cifar_alexnet.workspace import dvc_experiment_tags, project_root
 
 log = logging.getLogger(__name__)
@@ -145,20 +145,6 @@ def _log_params(params: Params) -> None:
 
 
 
-_invocation: list[str] = []  # the run `mlflow run` made for this process, once taken
-
-
-def invocation_run() -> str | None:
-    """The run `mlflow run` created for this command (it hands it over as MLFLOW_RUN_ID).
-
-    Each stage's runs are nested under it, one parent per invocation, instead of written into
-    it: with the `main` entry point (`dvc repro`) the tune and train stages would otherwise log
-    different values of the same params into one run, which MLflow refuses."""
-    if not _invocation and os.environ.get("MLFLOW_RUN_ID"):
-        _invocation.append(os.environ.pop("MLFLOW_RUN_ID"))  # start_run() would resume it
-    return _invocation[0] if _invocation else None
-
-
 def _project_experiment(params: Params, default_store: bool) -> Any:
     """The experiment params.yaml names (``mlflow.experiment``), created when missing."""
     name = params.mlflow.experiment
@@ -179,40 +165,49 @@ def _model_training(experiment: Any) -> Any:
 
 
 def _set_experiment(params: Params) -> None:
-    default_store = use_default_store()
-    parent = invocation_run()
-    if parent:  # the experiment `mlflow run` was given, or project_invocation's
+    store = connect()
+    if store.parent_run:  # the experiment `mlflow run` was given, or project_invocation's
         _model_training(mlflow.set_experiment(
-            experiment_id=mlflow.get_run(parent).info.experiment_id))
+            experiment_id=mlflow.get_run(store.parent_run).info.experiment_id))
     else:
-        _project_experiment(params, default_store)
+        _project_experiment(params, store.is_default)
 
 
 DEFAULT_EXPERIMENT_ID = "0"  # MLflow's "Default", where `mlflow run` goes unless told otherwise
 PROJECTS_RUN_TAG = "mlflow_projects.run_id"
 
 
-@contextlib.contextmanager
-def project_invocation(params: Params) -> Iterator[None]:
-    """Run an MLproject entry point's work in the project's experiment.
+def _child_environment(parent_run: str | None) -> dict[str, str]:
+    """The environment for a child process whose runs nest under ``parent_run``."""
+    return {**os.environ, **({"MLFLOW_RUN_ID": parent_run} if parent_run else {})}
 
-    `mlflow run .` without ``--experiment-name`` makes its run in MLflow's Default experiment,
-    which would take every stage's run with it, away from ``mlflow.experiment``. Then this
-    makes a parent run in the project's experiment instead (tagged with the Projects run's id,
-    which gets a note pointing to it), hands it to the stages as their parent (MLFLOW_RUN_ID)
-    and ends it with the entry point's outcome. An experiment chosen with ``--experiment-name``
-    (or $MLFLOW_EXPERIMENT_NAME) is kept, and so is everything outside `mlflow run`."""
-    projects_run_id = os.environ.get("MLFLOW_RUN_ID")
+
+@contextlib.contextmanager
+def project_invocation(params: Params) -> Iterator[dict[str, str]]:
+    """Run an MLproject entry point's work in the project's experiment; yields the environment
+    for the entry point's child processes (`dvc repro`, whose stages nest their runs under the
+    same parent).
+
+    `mlflow run` hands its command a run (MLFLOW_RUN_ID); each stage's runs nest under a parent
+    rather than write into it: with the `main` entry point the tune and train stages would
+    otherwise log different values of the same params into one run, which MLflow refuses.
+    Without ``--experiment-name`` that run is in MLflow's Default experiment, which would take
+    every stage's run with it, away from ``mlflow.experiment``. Then this makes a parent run in
+    the project's experiment instead (tagged with the Projects run's id, which gets a note
+    pointing to it) and ends it with the entry point's outcome. An experiment chosen with
+    ``--experiment-name`` (or $MLFLOW_EXPERIMENT_NAME) is kept, and so is everything outside
+    `mlflow run`."""
+    store = connect()
+    projects_run_id = store.parent_run
     if not projects_run_id:
-        yield
+        yield _child_environment(None)
         return
-    default_store = use_default_store()
     client = mlflow.MlflowClient()
     projects_run = client.get_run(projects_run_id)
     if projects_run.info.experiment_id != DEFAULT_EXPERIMENT_ID:
-        yield
+        yield _child_environment(projects_run_id)
         return
-    experiment = _project_experiment(params, default_store)
+    experiment = _project_experiment(params, store.is_default)
     entry_point = projects_run.data.tags.get("mlflow.project.entryPoint", "main")
     inherited = {k: v for k, v in projects_run.data.tags.items()
                  if k.startswith(("mlflow.source.", "mlflow.project.", "mlflow.user"))}
@@ -224,13 +219,12 @@ def project_invocation(params: Params) -> Iterator[None]:
     client.set_tag(projects_run_id, "mlflow.note.content",
                    f"This `mlflow run` logged to experiment {experiment.name!r}: run "
                    f"{parent.info.run_id}. Pass --experiment-name to choose another.")
-    os.environ["MLFLOW_RUN_ID"] = parent.info.run_id
-    _invocation.clear()
+    nest_under(parent.info.run_id)
     log.info("`mlflow run` made its run in the Default experiment; logging to experiment %s "
              "under run %s instead", experiment.name, parent.info.run_id)
     status = "FAILED"
     try:
-        yield
+        yield _child_environment(parent.info.run_id)
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -240,6 +234,7 @@ def project_invocation(params: Params) -> Iterator[None]:
         raise
     finally:
         client.set_terminated(parent.info.run_id, status)
+        nest_under(projects_run_id)  # as before the invocation
 
 
 def experiment_url(experiment_id: str, run_id: str | None = None,
@@ -287,7 +282,7 @@ def _run(reopened_status: str | None = None, **start_kwargs: Any) -> Iterator[ml
     a training): a failure of the addition leaves the run that status, with the failure in
     the tag ``evaluate.status``, rather than marking a good training KILLED. Models left half
     logged by a failure are marked FAILED, not left PENDING."""
-    parent = invocation_run()
+    parent = connect().parent_run
     if parent and "run_id" not in start_kwargs and not start_kwargs.get("nested"):
         start_kwargs["tags"] = {**start_kwargs.get("tags", {}), "mlflow.parentRunId": parent}
     try:
@@ -383,7 +378,7 @@ def _find_run(run_id: str) -> mlflow.entities.Run | None:
 
 
 def run_exists(run_id: str) -> bool:
-    use_default_store()
+    connect()
     return _find_run(run_id) is not None
 
 
@@ -422,7 +417,7 @@ def evaluation_run(params: Params, trained_run_id: str, tags: dict[str, str],
     When this store does not hold that run (the model came from DVC's run cache or a `dvc pull`
     of work tracked elsewhere), a new run `evaluate <label>` records the evaluation and links
     to the training by the tag ``trained_by.run_id``: nothing dangles, nothing is retrained."""
-    use_default_store()
+    connect()
     found = _find_run(trained_run_id)
     stage = tags.pop("dvc.stage", "evaluate")
     if found is None:
@@ -490,7 +485,7 @@ def set_tags(tags: dict[str, Any]) -> None:
 
 def mark_killed(run_ids: Sequence[str]) -> list[str]:
     """Mark runs left RUNNING by a killed process as KILLED; return the ids changed."""
-    use_default_store()
+    connect()
     client = mlflow.MlflowClient()
     changed = []
     for run_id in run_ids:
@@ -510,7 +505,7 @@ CHECKPOINT_TAG = "checkpoint_path"  # on a training run: the checkpoint that can
 def close_runs_of_checkpoint(path: Path) -> list[str]:
     """Mark KILLED the RUNNING training runs that ``path`` was the checkpoint of: when the
     checkpoint cannot be read, nothing will ever resume them."""
-    use_default_store()
+    connect()
     client = mlflow.MlflowClient()
     experiments = [e.experiment_id for e in client.search_experiments()]
     if not experiments:
@@ -592,7 +587,7 @@ def load_logged_model(model_uri: str) -> tuple[Callable[[np.ndarray], np.ndarray
     """A logged model (``runs:/<id>/model``, ``models:/<name>@<alias>``, ``models:/m-<id>`` ...)
     as a function of uint8 (N, 3, 32, 32) images to logits, and its class names (None for a
     model logged without them)."""
-    use_default_store()
+    connect()
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as exc:

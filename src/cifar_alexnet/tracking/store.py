@@ -1,6 +1,6 @@
 """The MLflow tracking store: which one (the repository's SQLite file unless
-``MLFLOW_TRACKING_URI`` says otherwise), made usable once per store and process, and the one
-error a stage reports when it fails."""
+``MLFLOW_TRACKING_URI`` says otherwise), configured once per process by :func:`connect`, and the
+one error a stage reports when it fails."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,19 +49,56 @@ def unavailable(exc: Exception, after: str = "") -> TrackingUnavailable:
         "trial is run again")
 
 
-_checked: set[str] = set()  # stores this process has already made usable
+@dataclass(frozen=True)
+class Store:
+    """The tracking store a process logs to, as :func:`connect` configured it."""
+    uri: str
+    is_default: bool  # the repository's mlflow.db, used because MLFLOW_TRACKING_URI is unset
+    parent_run: str | None = None  # the run new top-level runs nest under (`mlflow run`'s)
 
 
-def check_store() -> None:
-    """Make the current store usable, once per store and process (the first call for a store
-    is the one that talks to it): MLflow's HTTP retries shortened (:data:`HTTP_DEFAULTS`), and
-    a clear failure in seconds, one line naming the store, when it cannot be used: a tracking
-    server that does not answer, a damaged or foreign database file."""
-    uri = mlflow.get_tracking_uri()
-    if uri in _checked:
-        return
+_connected: Store | None = None  # this process's store: set by connect() alone
+
+
+def connect() -> Store:
+    """This process's tracking store: configured and checked by the first call, returned as it
+    is by later ones. It is configured anew only when ``MLFLOW_TRACKING_URI`` has named
+    another store since (an in-process caller switching stores: a test, the benchmark's
+    throwaway store).
+
+    Configuring means: the URI is ``MLFLOW_TRACKING_URI``, else the repository's
+    ``mlflow.db`` (not the working directory's: a temporary experiment copy is deleted after its
+    run), so `mlflow ui` started in the repository shows every run; MLflow's HTTP retries are
+    shortened (:data:`HTTP_DEFAULTS`) unless set; a store that cannot be used fails in
+    seconds, one line naming it (:func:`_check`); and the run `mlflow run` hands its command
+    (``MLFLOW_RUN_ID``) is taken out of the environment into :attr:`Store.parent_run`."""
+    global _connected
+    configured = os.environ.get("MLFLOW_TRACKING_URI") or None
+    if _connected is not None and configured == _connected.uri:
+        return _connected
+    default = f"sqlite:///{project_root() / DEFAULT_DB}"
+    uri = configured or default
+    mlflow.set_tracking_uri(uri)  # also exported as MLFLOW_TRACKING_URI, for child processes
     for name, value in HTTP_DEFAULTS:  # MLflow reads them at each request
         os.environ.setdefault(name, value)
+    _check(uri)
+    # mlflow.start_run() would resume (write into) the run MLFLOW_RUN_ID names; runs nest
+    # under it instead (see runs._run).
+    parent = os.environ.pop("MLFLOW_RUN_ID", None) or None
+    _connected = Store(uri, uri == default, parent)
+    return _connected
+
+
+def nest_under(run_id: str) -> Store:
+    """From now on, new top-level runs of this process nest under ``run_id``."""
+    global _connected
+    _connected = replace(connect(), parent_run=run_id)
+    return _connected
+
+
+def _check(uri: str) -> None:
+    """A server must answer /health; an SQLite file must open as an MLflow store (created and
+    migrated on first use, one process at a time)."""
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
     elif uri.startswith("sqlite:"):
@@ -78,7 +116,6 @@ def check_store() -> None:
                 f"cannot open the MLflow store {redact_url(uri)} ({reason}): the database file is "
                 "damaged or not an MLflow store. Move it away (a new one is created) or restore "
                 "it from a backup, or set MLFLOW_TRACKING_URI to another store") from None
-    _checked.add(uri)
 
 
 STORE_LOCK_TIMEOUT_S = 300
@@ -110,16 +147,3 @@ def _check_server(uri: str) -> None:
         "(e.g. `mlflow server --host 127.0.0.1 --port 5000 --backend-store-uri "
         "sqlite:///mlflow.db`), fix MLFLOW_TRACKING_URI, or unset it to log to the "
         "repository's mlflow.db")
-
-
-def use_default_store() -> bool:
-    """Without MLFLOW_TRACKING_URI, MLflow's default store, but in the repository root rather
-    than the working directory (a temporary experiment copy is deleted after the run).
-    True when that default store is the one in use."""
-    default = f"sqlite:///{project_root() / DEFAULT_DB}"
-    # set_tracking_uri also exports MLFLOW_TRACKING_URI (for child processes): ours is the default
-    configured = os.environ.get("MLFLOW_TRACKING_URI")
-    if not configured:
-        mlflow.set_tracking_uri(default)
-    check_store()
-    return configured in (None, "", default)
