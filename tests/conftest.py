@@ -13,7 +13,14 @@ from typing import Iterator
 
 import pytest
 
-from cifar_alexnet.config import params_from_dict
+# One torch (OpenMP) thread per process, set before anything imports torch, and inherited by
+# every stage, server and worker the tests start: the suite runs a worker per core
+# (pytest-xdist) and many tests run processes side by side, where more threads only compete
+# for the cores. `python bench/concurrent_repro.py` measures it. Set OMP_NUM_THREADS yourself
+# to choose otherwise.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from cifar_alexnet.config import params_from_dict  # noqa: E402 (after the thread count)
 from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.stages.prepare import prepare
 from cifar_alexnet.tools.synthetic import write_synthetic_archive
