@@ -2,6 +2,7 @@
 uninterrupted run."""
 
 import dataclasses
+import functools
 import shutil
 
 import pytest
@@ -286,8 +287,14 @@ def test_speed_settings_resolve_to_exact_fp32_on_cpu_and_bf16_when_asked(params,
 
 
 @pytest.mark.slow
-def test_compiled_training_checkpoints_load_into_an_uncompiled_model(params, prepared, tmp_path):
-    # torch.compile on CPU needs a C compiler and ~1 min; the GPU path is the same code.
+def test_compiled_training_checkpoints_load_into_an_uncompiled_model(params, prepared, tmp_path,
+                                                                    monkeypatch):
+    # What is checked here is dynamo's part (the graphs captured, the wrapped module's state
+    # dict): the code generator behind it does not change either. Inductor's C++ code generation
+    # takes a minute per CPU with a cold cache, so the graphs go to AOTAutograd's eager backend
+    # (forward and backward traced as inductor would get them); tests/test_cuda.py compiles
+    # with inductor on a GPU.
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     device = torch.device("cpu")
     meta = load_meta(prepared)
     train, val = load_split(prepared, "train"), load_split(prepared, "val")

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import optuna
 import pytest
+import sqlalchemy.exc
 import yaml
 from mlflow import MlflowClient
 from optuna.trial import TrialState
@@ -320,9 +321,21 @@ def test_worker_killed_mid_trial_resumes_keeping_finished_trials_and_retrying_th
         return (len(ts) == 2 and ts[0].state == TrialState.COMPLETE
                 and ts[1].state == TrialState.RUNNING and ts[1].user_attrs.get("epochs_run"))
 
+    def paused_mid_second_trial():
+        # Look with the worker stopped (SIGSTOP), so the state seen is the state it is killed
+        # in: an epoch of the tiny model takes a fraction of a second, less than one look.
+        os.killpg(worker.pid, signal.SIGSTOP)
+        try:
+            if mid_second_trial():
+                return True
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.OperationalError):
+            pass  # stopped inside a write that holds the database: look again later
+        os.killpg(worker.pid, signal.SIGCONT)
+        return False
+
     worker = cifar_study(*args, cwd=tmp_path, env=env, start_new_session=True)
     try:
-        wait_until(mid_second_trial, 300, "the second trial to be running")
+        wait_until(paused_mid_second_trial, 300, "the second trial to be running")
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
         worker.communicate()
