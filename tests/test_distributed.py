@@ -4,6 +4,7 @@ with `train.nproc: 2` is one MLflow run that survives kill -9 of a rank."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -81,9 +82,33 @@ def rank_pids(project: Path, rank: int) -> list[int]:
     return found
 
 
+EPOCHS = 8
+
+
+def kill_rank_1_after_epoch(project: Path, checkpoint: Path, epoch: int) -> bool:
+    """SIGKILL rank 1 once rank 0's checkpoint holds ``epoch``; look with both ranks stopped
+    (SIGSTOP), so training cannot finish between the look and the kill (a tiny epoch takes
+    less time than one look)."""
+    rank_0, rank_1 = rank_pids(project, 0), rank_pids(project, 1)
+    if (len(rank_0), len(rank_1)) != (1, 1):
+        return False
+    ranks = rank_0 + rank_1
+    for pid in ranks:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        ready = checkpoint.is_file() and Checkpoint.load(checkpoint).epoch >= epoch
+        if ready:
+            os.kill(ranks[1], signal.SIGKILL)
+    finally:
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    return ready
+
+
 def test_two_process_stage_is_one_run_and_resumes_after_a_rank_is_killed(archive, tmp_path):
     raw = tiny_params(archive, tune={"n_trials": 0},
-                      train={"nproc": 2, "epochs": 40, "checkpoint_seconds": 0})
+                      train={"nproc": 2, "epochs": EPOCHS, "checkpoint_seconds": 0})
     project = make_project(tmp_path / "project", raw)
     repro = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=project,
                              env=subprocess_env(), stdout=subprocess.PIPE,
@@ -91,11 +116,9 @@ def test_two_process_stage_is_one_run_and_resumes_after_a_rank_is_killed(archive
     checkpoint = project / "checkpoints/train.pt"
     deadline = time.monotonic() + 300
     try:
-        while not (checkpoint.is_file() and Checkpoint.load(checkpoint).epoch >= 2):
+        while not kill_rank_1_after_epoch(project, checkpoint, 2):
             assert repro.poll() is None and time.monotonic() < deadline, repro.stdout.read()
             time.sleep(0.2)
-        (rank1,) = rank_pids(project, 1)
-        os.kill(rank1, signal.SIGKILL)
         output = repro.communicate(timeout=120)[0]
     finally:
         if repro.poll() is None:
@@ -110,13 +133,13 @@ def test_two_process_stage_is_one_run_and_resumes_after_a_rank_is_killed(archive
 
     again = dvc("repro", cwd=project)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"resuming after epoch {stopped_at} of 40" in again.stderr + again.stdout
+    assert f"resuming after epoch {stopped_at} of {EPOCHS}" in again.stderr + again.stdout
     assert json.loads(dvc("status", "--json", cwd=project).stdout) == {}
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     (training,) = [r for r in runs if r.info.run_name.startswith("train ")]  # one run
     assert training.info.status == "FINISHED" and training.data.tags["world_size"] == "2"
     steps = [m.step for m in client.get_metric_history(training.info.run_id, "val/acc")]
-    assert sorted(set(steps)) == list(range(1, 41))  # every epoch, from both invocations
+    assert sorted(set(steps)) == list(range(1, EPOCHS + 1))  # every epoch, from both invocations
     history = yaml.safe_load((project / "metrics/train.json").read_text())
     assert history["best_val_acc"] > 0.4  # it learned: 4x chance
