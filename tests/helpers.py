@@ -4,6 +4,7 @@ runners, tiny params, ports. Fixtures live in conftest.py."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -76,6 +77,53 @@ def subprocess_env(**extra: str) -> dict[str, str]:
         env.pop(name, None)
     env.update(extra)
     return env
+
+
+def shell_commands(path: Path) -> list[str]:
+    """The commands in a Markdown file's fenced code blocks, continuation lines joined, comments
+    cut: what a reader of the README or docs/ would type."""
+    blocks = re.findall(r"```(?:bash)?\n(.*?)```", path.read_text(), flags=re.S)
+    text = "\n".join(blocks).replace("\\\n", " ")
+    return [line.split(" #")[0].strip() for line in text.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")]
+
+
+# The start line of run_together: a `python -c` script defines this, does its slow setup
+# (imports, logging a model), then calls start_line(Path(sys.argv[-1])).
+START_LINE = """
+import os, time
+from pathlib import Path
+
+
+def start_line(go):
+    Path(f"{go}.{os.getpid()}").touch()  # ready
+    while not go.exists():
+        time.sleep(0.01)
+"""
+
+
+def run_together(commands: list[list[str]], go: Path, env: dict[str, str],
+                 timeout: int = 300) -> list[subprocess.CompletedProcess]:
+    """Run ``commands`` (each given ``go`` as its last argument) so that their critical parts
+    start at one instant: all are started, each waits at its start line (see START_LINE) until
+    every one is there, then ``go`` is created. Returns each one's result."""
+    processes = [subprocess.Popen([*command, str(go)], env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for command in commands]
+    try:
+        deadline = time.monotonic() + timeout
+        while not all(Path(f"{go}.{p.pid}").exists() for p in processes):
+            exited = [p for p in processes if p.poll() is not None]
+            assert not exited, exited[0].communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "not every process reached the start line"
+            time.sleep(0.05)
+        go.touch()
+        return [subprocess.CompletedProcess(command, p.wait(timeout), *p.communicate())
+                for command, p in zip(commands, processes)]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
 def make_project(dest: Path, raw_params: dict[str, Any]) -> Path:
