@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -18,8 +17,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from cifar_alexnet.core.data import load_split
-from helpers import (ROOT, free_port, make_project, stop_process_group, subprocess_env, tiny_params,
-                     wait_for_http)
+from helpers import (ROOT, START_LINE, free_port, make_project, run_together,
+                     stop_process_group, subprocess_env, tiny_params, wait_for_http)
 
 pytestmark = pytest.mark.slow
 MODEL = "cifar10-alexnet"  # mlflow.registered_model
@@ -151,21 +150,18 @@ def test_predict_and_serve_the_champion_from_the_shared_registry(team, team_serv
     assert logits.shape == (2, 10)
 
 
-GATE = """
-import sys, time
-from pathlib import Path
+GATE = START_LINE + """
+import sys
 import mlflow, numpy as np
 from cifar_alexnet import tracking
 from cifar_alexnet.config import ModelConfig
 from cifar_alexnet.core.model import build_model
-name, accuracy, go = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3])
+name, accuracy = sys.argv[1], float(sys.argv[2])
 mlflow.set_experiment("registry race")
 with mlflow.start_run():
     uri = tracking.log_model(build_model(ModelConfig("lenet5", 0.25, 0.0, "none")),
                              np.zeros((2, 3, 32, 32), dtype=np.uint8), [str(i) for i in range(10)])
-    Path(str(go) + "." + str(accuracy)).touch()  # ready
-    while not go.exists():
-        time.sleep(0.01)
+    start_line(Path(sys.argv[-1]))
     print(tracking.register_and_gate(uri, name, accuracy).alias)
 """
 
@@ -173,21 +169,13 @@ with mlflow.start_run():
 def test_racing_evaluations_leave_the_champion_on_the_best_version(team_server, tmp_path):
     """Evaluations on several machines finish at once: the registry has no transactions, yet
     no better version is left without @champion, and every version gets a decision."""
-    env = client_env(team_server)
     # Four evaluations released at one start line (the best started neither first nor last)
     accuracies = (0.60, 0.50, 0.90, 0.75)
-    name, go = "race", tmp_path / "go"
-    gates = [subprocess.Popen([sys.executable, "-c", GATE, name, str(a), str(go)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for a in accuracies]
-    deadline = time.monotonic() + 240
-    while not all(Path(f"{go}.{a}").exists() for a in accuracies):  # all at the start line
-        assert time.monotonic() < deadline and all(g.poll() is None for g in gates)
-        time.sleep(0.1)
-    go.touch()
+    name = "race"
+    gates = run_together([[sys.executable, "-c", GATE, name, str(a)] for a in accuracies],
+                         tmp_path / "go", client_env(team_server))
     for gate in gates:
-        out, err = gate.communicate(timeout=300)
-        assert gate.returncode == 0, err[-3000:]
+        assert gate.returncode == 0, gate.stderr[-3000:]
     client = MlflowClient(team_server.uri)
     versions = client.search_model_versions(f"name = '{name}'")
     champion = client.get_model_version_by_alias(name, "champion")

@@ -7,14 +7,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from cifar_alexnet.tracking import git_state
-from helpers import subprocess_env
+from helpers import START_LINE, run_together, subprocess_env
 
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
 
@@ -72,38 +70,24 @@ def test_outside_git_nothing_is_claimed(tmp_path):
     assert git_state(tmp_path) == {}
 
 
-OPEN_STORE = """
-import os, sys, time
-from pathlib import Path
-from cifar_alexnet import tracking           # mlflow imported before the start line
-go = Path(sys.argv[1])
-Path(f"{go}.{os.getpid()}").touch()          # ready
-while not go.exists():
-    time.sleep(0.01)
-tracking.connect()                           # MLFLOW_TRACKING_URI: a store nobody opened yet
+OPEN_STORE = START_LINE + """
+import sys
+from cifar_alexnet import tracking  # mlflow imported before the start line
+start_line(Path(sys.argv[-1]))
+tracking.connect()  # MLFLOW_TRACKING_URI: a store nobody opened yet
 """
 
 
 @pytest.mark.slow
 def test_stages_that_open_a_new_sqlite_store_at_once_all_succeed(tmp_path):
     """`dvc queue start -j 2` or two study workers on a fresh project: MLflow creates and
-    migrates the database on first open; without a lock one of them failed, or both, leaving
-    the file half-migrated."""
-    for attempt in range(3):
-        store, go = tmp_path / f"store{attempt}" / "mlflow.db", tmp_path / f"go{attempt}"
-        env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}")
-        openers = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, str(go)], env=env,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                   for _ in range(3)]
-        deadline = time.monotonic() + 120
-        while not all(Path(f"{go}.{o.pid}").exists() for o in openers):  # at the start line
-            assert time.monotonic() < deadline and all(o.poll() is None for o in openers)
-            time.sleep(0.05)
-        go.touch()
-        for opener in openers:
-            _, err = opener.communicate(timeout=300)
-            assert opener.returncode == 0, err[-2000:]
-        assert MlflowClient(f"sqlite:///{store}").search_experiments()  # usable afterwards
+    migrates the database on first open; without a lock one of them failed, or several,
+    leaving the file half-migrated. Four openers released at one instant race for it."""
+    store = tmp_path / "mlflow.db"
+    env = subprocess_env(MLFLOW_TRACKING_URI=f"sqlite:///{store}")
+    for opened in run_together([[sys.executable, "-c", OPEN_STORE]] * 4, tmp_path / "go", env):
+        assert opened.returncode == 0, opened.stderr[-2000:]
+    assert MlflowClient(f"sqlite:///{store}").search_experiments()  # usable afterwards
 
 
 def test_importing_tracking_changes_no_environment_and_the_first_store_check_configures_it(
