@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from helpers import ROOT, subprocess_env
+from helpers import ROOT, subprocess_env, tiny_params, write_params
 
 HEAVY = ("torch", "mlflow", "optuna", "dvc", "PIL", "matplotlib", "sklearn", "pandas")
 COMMANDS = {
@@ -36,6 +36,39 @@ def test_help_imports_no_heavy_library(command):
     modules = imported_modules(result.stderr)
     assert "argparse" in modules  # the log was read
     assert modules.isdisjoint(HEAVY), sorted(modules & set(HEAVY))
+
+
+def test_reading_a_study_imports_neither_torch_nor_mlflow(archive, tmp_path):
+    """`cifar-study best`, `export` and `storage` only read the study (what a user checks
+    often, and what the tests' workflows ask twice): Optuna, not torch and MLflow (5 s)."""
+    import json
+
+    import optuna
+
+    from cifar_alexnet.config import params_from_dict
+    from cifar_alexnet.tune.study import open_study
+
+    raw = tiny_params(archive)
+    raw["tune"]["storage"] = f"sqlite:///{tmp_path / 'study.db'}"
+    params_file = write_params(tmp_path / "params.yaml", raw)
+    lr, dropout = optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True), \
+        optuna.distributions.FloatDistribution(0.0, 0.5)
+    open_study(params_from_dict(raw)).add_trial(optuna.trial.create_trial(
+        params={"train.lr": 0.001, "model.dropout": 0.2},
+        distributions={"train.lr": lr, "model.dropout": dropout}, value=0.5))
+    for command in (["best"], ["export", str(tmp_path / "trials.csv")], ["storage"]):
+        result = subprocess.run([sys.executable, "-X", "importtime", "-m",
+                                 "cifar_alexnet.tune.cifar_study", *command, "--params",
+                                 str(params_file)], cwd=tmp_path, env=subprocess_env(),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        modules = imported_modules(result.stderr)
+        assert "optuna" in modules and modules.isdisjoint({"torch", "mlflow"}), command
+    best = json.loads(subprocess.run(
+        [sys.executable, "-m", "cifar_alexnet.tune.cifar_study", "best", "--params",
+         str(params_file)], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+        timeout=120).stdout)
+    assert best["best_params"] == {"train.lr": 0.001, "model.dropout": 0.2}
 
 
 def test_a_stage_that_is_leaving_ends_on_sigterm_without_a_traceback():

@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     params = parse_params(args)
     # Imported once the arguments are read: --help answers at once, not after the seconds
-    # Optuna, torch and MLflow take to import.
-    from .objective import run_study
+    # Optuna, torch and MLflow take to import; and only `run`/`resume` train, so only they
+    # import torch and MLflow (`best`, `export`, `storage` read the study: Optuna alone).
     from .report import summarize, write_trials_csv
     from .study import open_study, progress, storage_url
 
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
                 "tune.n_trials to at least 1 (the finished trials the study should hold), or "
                 "pass --no-out to only grow the study")
         from cifar_alexnet import tracking
+
+        from .objective import run_study
 
         with tracking.project_invocation(params):
             study = run_study(params, args.data, out_dir=args.out, n_trials=args.n_trials,

@@ -12,7 +12,6 @@ import optuna
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_alexnet import tracking
 from cifar_alexnet.best_params import (BEST_PARAMS_FILE, DROPOUT, LR, load_best_params,
                                       write_best_params)
 from cifar_alexnet.config import Params
@@ -90,6 +89,8 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path,
             "tune.epochs_per_trial")
     write_trials_csv(study, out_dir / TRIALS_FILE)
     figures = study_figures(study)
+    from cifar_alexnet import tracking  # here, not above: `cifar-study best` needs no MLflow
+
     if log_to_mlflow:
         # From memory, not from plots/: a second worker in the same directory may be replacing
         # those files at this moment.

@@ -25,7 +25,6 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from cifar_alexnet import tracking
 from cifar_alexnet.config import DATA, TRIAL, Params, identity
 from cifar_alexnet.errors import ConfigError, PipelineError
 from cifar_alexnet.redact import redact_url
@@ -43,6 +42,8 @@ class _TrialFailuresWithoutTraceback(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.getMessage().endswith("failed with value None."):
             return False
+        from cifar_alexnet import tracking  # imported by now: a study is running
+
         stopped = record.exc_info and record.exc_info[1]
         if isinstance(stopped, (KeyboardInterrupt, SystemExit, tracking.TrackingUnavailable)):
             number = re.match(r"Trial (\d+)", record.getMessage())
@@ -278,6 +279,8 @@ def recover(study: optuna.Study, handled: set[int]) -> None:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             log.info("trial %d was interrupted; queued again", t.number)
         runs = [t.user_attrs.get("mlflow_run_id"), t.user_attrs.get("mlflow_parent_run_id")]
+        from cifar_alexnet import tracking  # imported by now: a study is running
+
         killed = tracking.mark_killed([r for r in runs if r])
         if killed:
             log.info("trial %d's worker died; marked MLflow run(s) %s KILLED", t.number,
