@@ -13,13 +13,14 @@ def main() -> None:
     args = parser.parse_args()
     params = parse_params(args)
     # Imported once the arguments are read: --help and a bad param answer at once, not after
-    # the seconds Optuna, torch and MLflow take to import.
-    from cifar_alexnet.tune.objective import run_study
-    from cifar_alexnet.tune.report import write_disabled
-
+    # the seconds Optuna, torch and MLflow take to import; and tuning off imports neither.
     if params.tune.n_trials == 0:
+        from cifar_alexnet.tune.report import write_disabled
+
         write_disabled(args.out)
     else:
+        from cifar_alexnet.tune.objective import run_study
+
         run_study(params, args.data, out_dir=args.out)
 
 

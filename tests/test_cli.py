@@ -71,6 +71,18 @@ def test_reading_a_study_imports_neither_torch_nor_mlflow(archive, tmp_path):
     assert best["best_params"] == {"train.lr": 0.001, "model.dropout": 0.2}
 
 
+def test_the_tune_stage_with_tuning_off_imports_neither_torch_nor_mlflow(archive, tmp_path):
+    """`tune.n_trials: 0` writes empty best params: no study, no training, no MLflow run."""
+    params_file = write_params(tmp_path / "params.yaml", tiny_params(archive))
+    result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / "pipeline/tune.py"),
+                             "--params", str(params_file), "--set", "tune.n_trials=0", "--data",
+                             "data/prepared", "--out", "tune"], cwd=tmp_path,
+                            env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert imported_modules(result.stderr).isdisjoint({"torch", "mlflow"})
+    assert (tmp_path / "tune/best_params.yaml").is_file()
+
+
 def test_a_stage_that_is_leaving_ends_on_sigterm_without_a_traceback():
     """After the stage's work, SIGTERM (torchrun's agent stopping a rank that is already
     leaving) ends the process at once: no KeyboardInterrupt raised from the interpreter's
