@@ -117,8 +117,10 @@ def run_together(commands: list[list[str]], go: Path, env: dict[str, str],
             assert time.monotonic() < deadline, "not every process reached the start line"
             time.sleep(0.05)
         go.touch()
-        return [subprocess.CompletedProcess(command, p.wait(timeout), *p.communicate())
-                for command, p in zip(commands, processes)]
+        # communicate() before the exit status: a full pipe would otherwise block the child
+        outputs = [p.communicate(timeout=timeout) for p in processes]
+        return [subprocess.CompletedProcess(command, p.returncode, *output)
+                for command, p, output in zip(commands, processes, outputs)]
     finally:
         for process in processes:
             if process.poll() is None:

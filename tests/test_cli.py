@@ -64,11 +64,9 @@ def test_reading_a_study_imports_neither_torch_nor_mlflow(archive, tmp_path):
         assert result.returncode == 0, result.stderr[-2000:]
         modules = imported_modules(result.stderr)
         assert "optuna" in modules and modules.isdisjoint({"torch", "mlflow"}), command
-    best = json.loads(subprocess.run(
-        [sys.executable, "-m", "cifar_alexnet.tune.cifar_study", "best", "--params",
-         str(params_file)], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
-        timeout=120).stdout)
-    assert best["best_params"] == {"train.lr": 0.001, "model.dropout": 0.2}
+        if command == ["best"]:  # the answer is on stdout; -X importtime writes to stderr
+            best = json.loads(result.stdout)
+            assert best["best_params"] == {"train.lr": 0.001, "model.dropout": 0.2}
 
 
 def test_the_tune_stage_with_tuning_off_imports_neither_torch_nor_mlflow(archive, tmp_path):

@@ -89,9 +89,10 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path,
             "tune.epochs_per_trial")
     write_trials_csv(study, out_dir / TRIALS_FILE)
     figures = study_figures(study)
-    from cifar_alexnet import tracking  # here, not above: `cifar-study best` needs no MLflow
-
     if log_to_mlflow:
+        # imported here, not above: reading a study (`cifar-study best`) needs no MLflow
+        from cifar_alexnet import tracking
+
         # From memory, not from plots/: a second worker in the same directory may be replacing
         # those files at this moment.
         for name, figure in figures.items():

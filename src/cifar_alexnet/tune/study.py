@@ -268,6 +268,8 @@ def recover(study: optuna.Study, handled: set[int]) -> None:
     here too, since nothing was wrong with their parameters. ``handled`` holds the numbers of
     failed trials this process has already dealt with, so each costs MLflow calls only once.
     """
+    from cifar_alexnet import tracking  # imported by now: a study is running
+
     optuna.storages.fail_stale_trials(study)  # its heartbeat callback enqueues the retry
     trials = study.get_trials(deepcopy=False)
     retried = retried_trial_numbers(trials)
@@ -279,8 +281,6 @@ def recover(study: optuna.Study, handled: set[int]) -> None:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             log.info("trial %d was interrupted; queued again", t.number)
         runs = [t.user_attrs.get("mlflow_run_id"), t.user_attrs.get("mlflow_parent_run_id")]
-        from cifar_alexnet import tracking  # imported by now: a study is running
-
         killed = tracking.mark_killed([r for r in runs if r])
         if killed:
             log.info("trial %d's worker died; marked MLflow run(s) %s KILLED", t.number,
