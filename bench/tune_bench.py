@@ -30,7 +30,7 @@ def main() -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workdir / 'mlflow.db'}"
     os.environ.pop("CIFAR_TUNE_STORAGE", None)  # it would override the fresh studies below
     # imported after the tracking URI is set
-    from cifar_alexnet.tune.objective import run_study
+    from cifar_alexnet.tune.runner import run_study
     from cifar_alexnet.tune.report import summarize
 
     rows = []

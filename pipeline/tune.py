@@ -19,7 +19,7 @@ def main() -> None:
 
         write_disabled(args.out)
     else:
-        from cifar_alexnet.tune.objective import run_study
+        from cifar_alexnet.tune.runner import run_study
 
         run_study(params, args.data, out_dir=args.out)
 

@@ -113,7 +113,7 @@ def test_a_server_lost_mid_study_retries_the_trial_and_the_study_ends_as_if_unin
     import optuna
 
     from cifar_alexnet.config import params_from_dict
-    from cifar_alexnet.tune.objective import run_study
+    from cifar_alexnet.tune.runner import run_study
 
     study_params = tiny_params(archive, tune={"n_trials": 3, "epochs_per_trial": 2,
                                               "pruner": "none"})

@@ -22,7 +22,7 @@ from cifar_alexnet.errors import ConfigError, PipelineError
 from cifar_alexnet.stages.train import apply_best_params
 from cifar_alexnet.best_params import (BEST_PARAMS_FILE, DROPOUT, LR, load_best_params,
                                       write_best_params)
-from cifar_alexnet.tune.objective import run_study
+from cifar_alexnet.tune.runner import run_study
 from cifar_alexnet.tune.report import STUDY_FILE, SUMMARY_FILE, TRIALS_FILE, write_disabled
 from cifar_alexnet.tune.study import open_study, progress, study_name
 from helpers import subprocess_env, tiny_params, write_params

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                 "pass --no-out to only grow the study")
         from cifar_alexnet import tracking
 
-        from .objective import run_study
+        from .runner import run_study
 
         with tracking.project_invocation(params):
             study = run_study(params, args.data, out_dir=args.out, n_trials=args.n_trials,

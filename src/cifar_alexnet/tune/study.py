@@ -268,11 +268,10 @@ def recover(study: optuna.Study, handled: set[int]) -> None:
     here too, since nothing was wrong with their parameters. ``handled`` holds the numbers of
     failed trials this process has already dealt with, so each costs MLflow calls only once.
     """
-    from cifar_alexnet import tracking  # imported by now: a study is running
-
     optuna.storages.fail_stale_trials(study)  # its heartbeat callback enqueues the retry
     trials = study.get_trials(deepcopy=False)
     retried = retried_trial_numbers(trials)
+    lost_runs: dict[int, list[str]] = {}  # trial number -> its MLflow runs, closed if open
     for t in trials:
         if t.state != TrialState.FAIL or "fail_reason" in t.user_attrs or t.number in handled:
             continue  # not failed, failed for its own reason (diverged), or already seen
@@ -281,9 +280,17 @@ def recover(study: optuna.Study, handled: set[int]) -> None:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             log.info("trial %d was interrupted; queued again", t.number)
         runs = [t.user_attrs.get("mlflow_run_id"), t.user_attrs.get("mlflow_parent_run_id")]
-        killed = tracking.mark_killed([r for r in runs if r])
+        if any(runs):
+            lost_runs[t.number] = [r for r in runs if r]
+    if not lost_runs:
+        return
+    # Only now: a study with nothing to recover (the tune stage finding it done) needs no MLflow.
+    from cifar_alexnet import tracking
+
+    for number, runs in lost_runs.items():
+        killed = tracking.mark_killed(runs)
         if killed:
-            log.info("trial %d's worker died; marked MLflow run(s) %s KILLED", t.number,
+            log.info("trial %d's worker died; marked MLflow run(s) %s KILLED", number,
                      ", ".join(killed))
 
 
