@@ -519,6 +519,10 @@ def test_mlflow_run_holds_params_history_metrics_artifacts_and_tags(reproduced, 
         evaluation_files
     data_files = {Path(a.path).name for a in client.list_artifacts(run_id, "data")}
     assert {"augmented_train_samples.png", "dataset_meta.json"} <= data_files
+    curve_files = {Path(a.path).name for a in client.list_artifacts(run_id, "curves")}
+    assert {"training_curves.png", "train_history.csv"} <= curve_files
+    curves = client.download_artifacts(run_id, "curves/training_curves.png", str(project / "dl"))
+    assert Path(curves).read_bytes() == (project / "metrics/training_curves.png").read_bytes()
     summary = client.download_artifacts(run_id, "model/summary.txt", str(project / "dl"))
     assert "net.features.0" in Path(summary).read_text()
 

@@ -72,19 +72,37 @@ def per_class_accuracy_figure(accuracies: Sequence[float], class_names: Sequence
     return fig
 
 
+# The image grid in inches: each cell is this wide, its image square, its caption below it.
+_CELL_INCHES = 1.8
+_CAPTION_INCHES = 0.45
+_TITLE_INCHES = 0.4
+
+
 def image_grid_figure(images: np.ndarray, captions: Sequence[str], title: str,
                       columns: int = 6) -> Figure:
-    """uint8 images (N, 3, H, W) in a grid, each with its caption; an empty grid says so."""
+    """uint8 images (N, 3, H, W) in a grid, each with its caption below; an empty grid says so.
+
+    One axes shows one mosaic of the images, the captions are text on it: with an axes per
+    image (and the layout engine placing each), saving a grid of 32 took 0.7 s, most of what
+    a stage spends on its figures."""
     rows = max(1, -(-len(images) // columns))
-    fig = Figure(figsize=(columns * 1.8, rows * 2.1 + 0.4), layout="constrained")
-    axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
-    for ax in axes:
-        ax.axis("off")
-    for ax, image, caption in zip(axes, images, captions):
-        ax.imshow(np.transpose(image, (1, 2, 0)), interpolation="nearest")
-        ax.set_title(caption, fontsize=8)
+    height, width = images.shape[2:] if len(images) else (32, 32)
+    gap = max(1, width // 8)  # pixels between images
+    cell_w = width + gap
+    caption_px = round(cell_w * _CAPTION_INCHES / _CELL_INCHES)
+    cell_h = height + caption_px
+    mosaic = np.full((rows * cell_h, columns * cell_w, 3), 255, np.uint8)
+    fig = Figure(figsize=(columns * _CELL_INCHES,
+                          rows * _CELL_INCHES * cell_h / cell_w + _TITLE_INCHES))
+    ax = fig.add_axes((0, 0, 1, 1 - _TITLE_INCHES / fig.get_figheight()))
+    ax.axis("off")
+    for i, (image, caption) in enumerate(zip(images, captions)):
+        top, left = (i // columns) * cell_h, (i % columns) * cell_w + gap // 2
+        mosaic[top:top + height, left:left + width] = np.transpose(image, (1, 2, 0))
+        ax.text(left + width / 2, top + height + 1, caption, ha="center", va="top", fontsize=8)
+    ax.imshow(mosaic, interpolation="nearest")
     if not len(images):
-        axes[0].text(0.5, 0.5, "none", ha="center", va="center")
+        ax.text(0.5, 0.5, "none", ha="center", va="center", transform=ax.transAxes)
     fig.suptitle(title)
     return fig
 

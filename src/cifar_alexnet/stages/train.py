@@ -236,8 +236,10 @@ def _write_results(params: Params, result: TrainResult, parameters: int,
     write_json(outputs.metrics, metrics)
     tracking.log_metrics({"best_val_acc": result.best_val_acc, "best_epoch": result.best_epoch})
     curves = history_figure(result.history)
-    tracking.log_figure(curves, "curves/training_curves.png")
-    if outputs.curves is not None:
-        save_figure(curves, outputs.curves)  # also closes the figure
+    if outputs.curves is not None:  # drawn once: the file is what the run logs
+        save_figure(curves, outputs.curves)
+        tracking.log_files([outputs.curves], "curves")
+    else:
+        tracking.log_figure(curves, "curves/training_curves.png")
     tracking.log_text(history, "curves/train_history.csv")
     return metrics
