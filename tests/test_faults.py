@@ -71,15 +71,20 @@ def run_stage(name: str, *args: str, cwd: Path, fsize: int | None = None
                           timeout=300, preexec_fn=limit)
 
 
-@pytest.fixture
-def project(tmp_path: Path, archive: Archive) -> Path:
+def make_workdir(directory: Path, archive: Archive) -> Path:
     """A working directory: params.yaml and archive.tar.gz for the test archive, and a dataset
     already prepared from it in data/prepared (the previous output a failed run must keep)."""
-    write_params(tmp_path / "params.yaml", tiny_params(archive))
-    shutil.copy(archive.path, tmp_path / "archive.tar.gz")
-    prepare(read_archive(archive.path), 0.1, 0, tmp_path / "data" / "prepared",
+    directory.mkdir(parents=True, exist_ok=True)
+    write_params(directory / "params.yaml", tiny_params(archive))
+    shutil.copy(archive.path, directory / "archive.tar.gz")
+    prepare(read_archive(archive.path), 0.1, 0, directory / "data" / "prepared",
             source_md5=archive.md5)
-    return tmp_path
+    return directory
+
+
+@pytest.fixture
+def project(tmp_path: Path, archive: Archive) -> Path:
+    return make_workdir(tmp_path, archive)
 
 
 # --- prepare: archives that must not be read ----------------------------------------------------
@@ -399,13 +404,30 @@ EVALUATE_ARGS = ("--params", "params.yaml", "--data", "data/prepared", "--model"
                  "--metrics", "metrics/evaluate.json", "--reports", "reports")
 
 
-@pytest.fixture
-def trained(project):
-    """``project`` after the train stage: models/ and a FINISHED training run in mlflow.db."""
+@pytest.fixture(scope="module")
+def trained_once(archive, tmp_path_factory) -> tuple[Path, Path]:
+    """A working directory after the train stage, and a copy of it as the stage left it."""
+    project = make_workdir(tmp_path_factory.mktemp("trained") / "project", archive)
     result = run_stage("train", *TRAIN_ARGS, cwd=project)
     assert result.returncode == 0, result.stderr[-3000:]
+    pristine = project.parent / "pristine"
+    shutil.copytree(project, pristine, symlinks=True)
+    return project, pristine
+
+
+@pytest.fixture
+def trained(trained_once):
+    """The trained working directory as the train stage left it (restored at the same path:
+    mlflow.db holds absolute artifact paths), with models/ and a FINISHED training run."""
     from mlflow import MlflowClient
 
+    project, pristine = trained_once
+    for entry in project.iterdir():
+        if entry.name != "mlflow.db":
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    # mlflow.db is rewritten in place, not replaced: this process's MLflow keeps connections
+    # to it open, and SQLite rereads a file whose content changed, not one that was replaced.
+    shutil.copytree(pristine, project, symlinks=True, dirs_exist_ok=True)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FINISHED"
