@@ -4,9 +4,9 @@ commands, on generated data.
 - ``experiments``: the README's quick start as written (`make-synthetic-cifar`, then its
   `dvc exp run -S data.url=… …`), its second experiment and short `dvc exp show` view,
   `--queue` ×2 + `dvc queue start -j 2`, `--temp`;
-- ``pipeline``: `dvc repro` from scratch, `mlflow run .`, `mlflow run . -e tune` then
-  `dvc repro`, a `cifar-study run` worker then `dvc repro`; then `mlflow models serve`,
-  `cifar-predict` and `mlflow ui` over what they left.
+- ``pipeline``: `dvc repro` from scratch, `mlflow run .`, `mlflow run . -e tune` and a
+  `cifar-study run` worker then one `dvc repro`; then `mlflow models serve`, `cifar-predict`
+  and `mlflow ui` over what they left.
 
 After each workflow the seams must hold: one MLflow store (the repository's) holds every run, run
 names are unique, `dvc status` is clean, and the model MLflow serves answers exactly what the
@@ -122,22 +122,20 @@ def queue_two_and_start(project: Path) -> list[subprocess.CompletedProcess]:
     return results
 
 
-def tune_entry_point_then_repro(project: Path) -> list[subprocess.CompletedProcess]:
-    tuned = mlflow_run(project, "-e", "tune", "-P", "overrides=tune.n_trials=2")
-    # The study grew outside DVC and the entry point refreshed tune/: DVC says so.
-    status = dvc("status", "--json", cwd=project)
-    return [tuned, status, dvc("repro", cwd=project)]
-
-
-def worker_then_repro(project: Path) -> list[subprocess.CompletedProcess]:
+def study_grown_then_repro(project: Path) -> list[subprocess.CompletedProcess]:
+    """The study grown outside DVC both ways a user can, `mlflow run . -e tune` (which also
+    refreshes tune/) and a `cifar-study run` worker; then one `dvc repro` takes it in."""
     before = study(project, "best")
+    tuned = mlflow_run(project, "-e", "tune", "-P", "overrides=tune.n_trials=2")
+    status = dvc("status", "--json", cwd=project)
     worker = study(project, "run", "--n-trials", "2")
-    return [before, worker, study(project, "best"), dvc("repro", cwd=project)]
+    return [before, tuned, status, worker, study(project, "best"), dvc("repro", cwd=project)]
 
 
 Workflow = Callable[[Path], list[subprocess.CompletedProcess]]
 QUICK_START = "README quick start: make-synthetic-cifar, dvc exp run -S data.url=…"
 SECOND_EXPERIMENT = "dvc exp run -S, then the README's dvc exp show view"
+STUDY_GROWN = "mlflow run . -e tune, a cifar-study run worker, then dvc repro"
 CHAINS: dict[str, dict[str, Workflow]] = {
     "experiments": {
         QUICK_START: readme_quick_start,   # a study of 4 trials (the README's tune.n_trials)
@@ -151,8 +149,7 @@ CHAINS: dict[str, dict[str, Workflow]] = {
         "dvc repro": lambda p: [dvc("repro", cwd=p)],   # a study of 1 trial to start with
         # a new search space: a new study and a training, both nested under one MLflow parent
         "mlflow run .": lambda p: [mlflow_run(p, "-P", "overrides=tune.epochs_per_trial=1")],
-        "mlflow run . -e tune, then dvc repro": tune_entry_point_then_repro,
-        "cifar-study run worker, then dvc repro": worker_then_repro,
+        STUDY_GROWN: study_grown_then_repro,
     },
 }
 CHAIN_OF = {workflow: chain for chain, workflows in CHAINS.items() for workflow in workflows}
@@ -352,7 +349,8 @@ def invocation_parent(outcome: Outcome):
     """The parent run an `mlflow run` invocation's stages are nested under, in the project's
     experiment, after checking that MLflow Projects' own run (which `mlflow run` makes in the
     Default experiment when no --experiment-name is given) points to it and holds nothing."""
-    projects_id = re.search(r"Run \(ID '(\w+)'\) succeeded", outcome.results[0].stderr)[1]
+    (projects_id,) = [found[1] for result in outcome.results
+                      if (found := re.search(r"Run \(ID '(\w+)'\) succeeded", result.stderr))]
     by_id = {r.info.run_id: r for r in outcome.runs}
     projects_run = by_id[projects_id]
     (parent,) = [r for r in outcome.runs if r.data.tags.get("mlflow_projects.run_id") == projects_id]
@@ -387,8 +385,8 @@ def test_mlflow_run_lands_in_the_projects_experiment_with_one_parent(pipeline):
 
 
 def test_tune_entry_point_grows_the_study_and_dvc_status_shows_it(pipeline):
-    outcome = pipeline.outcomes["mlflow run . -e tune, then dvc repro"]
-    tuned, status, repro = outcome.results
+    outcome = pipeline.outcomes[STUDY_GROWN]
+    _, tuned, status, *_, repro = outcome.results
     assert tuned.returncode == 0, tuned.stdout + tuned.stderr
     parent = invocation_parent(outcome)
     (study_run,) = [r for r in outcome.runs
@@ -406,20 +404,21 @@ def test_tune_entry_point_grows_the_study_and_dvc_status_shows_it(pipeline):
 
 
 def test_a_worker_then_dvc_repro_trains_with_the_studys_new_best(pipeline):
-    outcome = pipeline.outcomes["cifar-study run worker, then dvc repro"]
-    before, worker, after, repro = outcome.results
+    outcome = pipeline.outcomes[STUDY_GROWN]
+    before, _, _, _, after, repro = outcome.results
     old, new = json.loads(before.stdout), json.loads(after.stdout)
-    assert new["trials_complete"] == old["trials_complete"] + 2
-    # the train stage reruns exactly when the worker's trials changed the best
+    assert new["trials_complete"] == old["trials_complete"] + 1 + 2  # -e tune's, the worker's
+    # the train stage reruns exactly when the study's new trials changed the best
     best_changed = new["best_params"] != old["best_params"]
     assert ("Running stage 'train'" in repro.stdout) == best_changed, repro.stdout
     trained = outcome.files["metrics/train.json"]
     assert trained["lr"] == pytest.approx(new["best_params"]["train.lr"])
     assert trained["dropout"] == pytest.approx(new["best_params"]["model.dropout"])
-    # The rerun of the tune stage ran no trial, so it left no empty study run.
+    # Two study runs (the entry point's, the worker's): the rerun of the tune stage ran no
+    # trial, so it left no empty study run.
     study_runs = [r for r in outcome.runs if r.info.run_name.startswith("study ")]
-    assert len(study_runs) == len([r for r in pipeline.outcomes[
-        "mlflow run . -e tune, then dvc repro"].runs if r.info.run_name.startswith("study ")]) + 1
+    assert len(study_runs) == len([r for r in pipeline.outcomes["mlflow run ."].runs
+                                   if r.info.run_name.startswith("study ")]) + 2
 
 
 # --- one `dvc repro`, checked as a user checks it: the copy of the ``pipeline`` project as its
@@ -797,7 +796,7 @@ def test_mlflow_ui_in_a_real_browser_lists_the_runs_and_their_dataset(pipeline, 
         ui.wait(timeout=30)
     # the top-level trainings (the UI folds nested runs, e.g. under `mlflow run .`, into their
     # parent's row)
-    trainings = {r.info.run_name for r in outcomes["cifar-study run worker, then dvc repro"].runs
+    trainings = {r.info.run_name for r in outcomes[STUDY_GROWN].runs
                  if r.info.run_name.startswith("train ")
                  and "mlflow.parentRunId" not in r.data.tags}
     assert trainings and all(name in dom for name in trainings), sorted(trainings)
