@@ -1,7 +1,7 @@
 """`cifar-predict`: picture files of any size and mode in, top-k class names out, as evaluation
 scores them, printed a batch at a time; bad and hostile files named one per line without
 stopping the rest, in bounded memory. (The check against the evaluate stage's own predictions,
-and MLflow model URIs, are in test_workflows.py.)"""
+and MLflow model URIs, are in test_experiments.py.)"""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Every `-S` override the README and docs/ show is a valid param. (The README's synthetic-data
-quick start runs as written, with its short `dvc exp show` view, in test_workflows.py, where it is
-the first workflow of one of the matrix's projects.)"""
+quick start runs as written, with its short `dvc exp show` view, in test_experiments.py, where
+it is the first workflow of the matrix's ``experiments`` project.)"""
 
 from __future__ import annotations
 

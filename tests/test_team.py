@@ -217,7 +217,7 @@ def test_evaluating_on_the_pulling_clone_links_to_the_training_run(team, team_se
     assert MlflowClient(team_server.uri).get_run(trained_by).data.tags["evaluate.status"] == \
         "FINISHED"
     # (Without it, in a store that does not hold the training run, the evaluation is a new run
-    # that names the training run: test_workflows.py evaluates so.)
+    # that names the training run: test_experiments.py evaluates so.)
 
 
 def test_an_experiment_moves_between_clones_with_its_metrics(team, team_server):
