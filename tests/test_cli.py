@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from cifar_alexnet.best_params import load_best_params
 from helpers import ROOT, subprocess_env, tiny_params, write_params
 
 HEAVY = ("torch", "mlflow", "optuna", "dvc", "PIL", "matplotlib", "sklearn", "pandas")
@@ -87,8 +88,6 @@ def test_the_tune_stage_finding_the_study_done_imports_neither_torch_nor_mlflow(
     _, modules = traced([str(ROOT / "pipeline/tune.py"), "--params", str(params_file),
                          "--data", "data/prepared", "--out", "tune"], tmp_path)
     assert "optuna" in modules and modules.isdisjoint({"torch", "mlflow"})
-    from cifar_alexnet.best_params import load_best_params
-
     values, _ = load_best_params(tmp_path / "tune/best_params.yaml")
     assert values == {"train.lr": 0.001, "model.dropout": 0.2}
     assert json.loads((tmp_path / "tune/summary.json").read_text())["best_value"] == 0.5

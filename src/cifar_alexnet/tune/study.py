@@ -279,9 +279,10 @@ def recover(study: optuna.Study, handled: set[int]) -> None:
         if t.user_attrs.get("interrupted") and t.number not in retried:
             study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
             log.info("trial %d was interrupted; queued again", t.number)
-        runs = [t.user_attrs.get("mlflow_run_id"), t.user_attrs.get("mlflow_parent_run_id")]
-        if any(runs):
-            lost_runs[t.number] = [r for r in runs if r]
+        runs = [r for r in (t.user_attrs.get("mlflow_run_id"),
+                            t.user_attrs.get("mlflow_parent_run_id")) if r]
+        if runs:
+            lost_runs[t.number] = runs
     if not lost_runs:
         return
     # Only now: a study with nothing to recover (the tune stage finding it done) needs no MLflow.
