@@ -13,9 +13,9 @@ import torch
 
 from cifar_alexnet.core.data import load_meta, load_split
 from cifar_alexnet.core.model import build_model
-from cifar_alexnet.core.trainer import (Accel, Checkpoint, Checkpointer, StopAfterCheckpoint,
-                                        batched_logits, fit, make_optimizer, seed_everything,
-                                        to_device)
+from cifar_alexnet.core.trainer import (Accel, Checkpoint, Checkpointer, batched_logits, fit,
+                                        make_optimizer, seed_everything, to_device)
+from cifar_alexnet.errors import StopAfterCheckpoint
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(),

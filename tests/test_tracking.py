@@ -92,11 +92,14 @@ def test_stages_that_open_a_new_sqlite_store_at_once_all_succeed(tmp_path):
 
 def test_importing_tracking_changes_no_environment_and_the_first_store_check_configures_it(
         tmp_path):
-    """A library import leaves the process alone; the stage that uses a store gets MLflow's
-    HTTP retries shortened (a lost server fails in seconds), unless the user set them."""
-    code = ("import os, mlflow\n"
+    """A library import leaves the process alone, and loads MLflow without torch or matplotlib
+    (a store check or a registry gate needs no model); the stage that uses a store gets
+    MLflow's HTTP retries shortened (a lost server fails in seconds), unless the user set
+    them."""
+    code = ("import os, sys, mlflow\n"
             "names = ('MLFLOW_HTTP_REQUEST_MAX_RETRIES', 'MLFLOW_HTTP_REQUEST_TIMEOUT')\n"
             "from cifar_alexnet import tracking\n"
+            "assert not {'torch', 'matplotlib'} & set(sys.modules), 'a heavy import'\n"
             "print([os.environ.get(n) for n in names])\n"
             f"os.environ['MLFLOW_TRACKING_URI'] = 'sqlite:///{tmp_path / 'mlflow.db'}'\n"
             "tracking.connect()\n"

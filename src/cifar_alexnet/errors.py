@@ -11,3 +11,8 @@ class ConfigError(PipelineError):
 
 class DataError(PipelineError):
     """The archive or the prepared arrays are missing, corrupt or not what CIFAR-10 looks like."""
+
+
+class StopAfterCheckpoint(PipelineError):
+    """Raised by a training callback to stop training once this epoch is checkpointed (e.g. the
+    tracking server went away): the work is kept and a rerun resumes after it."""

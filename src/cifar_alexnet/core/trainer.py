@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from cifar_alexnet.config import ModelConfig, TrainConfig
-from cifar_alexnet.errors import PipelineError
+from cifar_alexnet.errors import PipelineError, StopAfterCheckpoint
 from cifar_alexnet.files import atomic_path
 from cifar_alexnet.core.distributed import (World, all_sum, current_world, from_main,
                                             sync_buffers, training_device)
@@ -40,11 +40,6 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
 
 class TrainingDiverged(PipelineError):
     """The loss became NaN or infinite."""
-
-
-class StopAfterCheckpoint(PipelineError):
-    """Raised by a callback to stop training once this epoch is checkpointed (e.g. the tracking
-    server went away): the work is kept and a rerun resumes after it."""
 
 
 class EpochCallback(Protocol):

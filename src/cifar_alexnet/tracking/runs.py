@@ -15,12 +15,10 @@ import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import mlflow
 import numpy as np
-import torch
-from matplotlib.figure import Figure
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.http_dataset_source import HTTPDatasetSource
 from mlflow.data.meta_dataset import MetaDataset
@@ -33,6 +31,10 @@ from cifar_alexnet.redact import redact_url
 from cifar_alexnet.tracking.store import (DEFAULT_ARTIFACTS, TrackingUnavailable, connect,
                                           nest_under, unavailable)
 from cifar_alexnet.workspace import dvc_experiment_tags, project_root
+
+if TYPE_CHECKING:  # torch and matplotlib load with the stage that has a model or a figure
+    import torch
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -570,6 +572,8 @@ def log_model(model: torch.nn.Module, example_images: np.ndarray,
     2 images: torch.export bakes a batch of 1 into the
     graph as a constant, which would make the served model reject other batch sizes.
     """
+    import torch
+
     model = model.cpu().eval()
     with torch.no_grad():
         logits = model(torch.from_numpy(example_images)).numpy()

@@ -16,8 +16,7 @@ from typing import Any
 import mlflow
 from filelock import FileLock, Timeout
 
-from cifar_alexnet.core.trainer import StopAfterCheckpoint
-from cifar_alexnet.errors import PipelineError
+from cifar_alexnet.errors import PipelineError, StopAfterCheckpoint
 from cifar_alexnet.redact import redact_url
 from cifar_alexnet.workspace import project_root
 
