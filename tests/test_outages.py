@@ -34,10 +34,20 @@ def workdir(tmp_path, archive):
     return tmp_path
 
 
-@pytest.fixture
-def server(workdir):
-    with MlflowServer(workdir / "server.db", workdir) as server:
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    with MlflowServer(root / "server.db", root) as server:
         yield server
+
+
+@pytest.fixture
+def server(shared_server):
+    """The module's server, up: a test kills it and starts it again (a server's start is 5 s
+    of CPU here, so the tests share one)."""
+    if shared_server.process.poll() is not None:
+        shared_server.start()
+    return shared_server
 
 
 TRAIN = [sys.executable, str(ROOT / "pipeline/train.py"), "--data", "data/prepared", "--out",

@@ -357,9 +357,12 @@ def test_mlflow_ui_in_a_real_browser_lists_the_runs_and_their_dataset(pipeline, 
         pytest.skip("no chromium on PATH (.ci/run install installs it)")
     project, outcomes = pipeline.project, pipeline.outcomes
     port = free_port()
+    # One worker process, not the default 4: one browser asks, and each worker loads MLflow
+    # (about 2 s of CPU apiece) on the test's two cores.
     ui = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri",
-         f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port)],
+         f"sqlite:///{project / 'mlflow.db'}", "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"],
         cwd=project, env=subprocess_env(**NO_SERVER_JOBS), stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL, start_new_session=True)
     try:
