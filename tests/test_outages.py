@@ -79,7 +79,8 @@ def error_lines(stderr: str) -> list[str]:
 def test_nothing_listening_fails_in_seconds_naming_the_uri(workdir):
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
-    result = subprocess.run(TRAIN, cwd=workdir, capture_output=True, text=True, timeout=300,
+    result = subprocess.run([TRAIN[0], "-X", "importtime", *TRAIN[1:]], cwd=workdir,
+                            capture_output=True, text=True, timeout=300,
                             env=subprocess_env(MLFLOW_TRACKING_URI=uri))
     seconds = time.monotonic() - started
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -87,6 +88,9 @@ def test_nothing_listening_fails_in_seconds_naming_the_uri(workdir):
     assert f"the MLflow tracking server {uri} does not answer" in line
     assert "mlflow server" in line and "MLFLOW_TRACKING_URI" in line
     assert seconds < 30, seconds  # MLflow alone retries for about 4 minutes
+    imported = [row.rsplit("|", 1)[-1].strip() for row in result.stderr.splitlines()
+                if row.startswith("import time:")]
+    assert "mlflow" in imported and "torch" not in imported  # told before torch loads
     assert not (workdir / "models").exists() and not (workdir / "checkpoints/train.pt").exists()
 
 
