@@ -13,6 +13,7 @@ import logging
 import math
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -68,23 +69,37 @@ def initial_model(config: ModelConfig, mean: Iterable[float], std: Iterable[floa
 
 
 @contextlib.contextmanager
-def kernel_settings(device: torch.device, cudnn_benchmark: bool | None = None
-                    ) -> Iterator[None]:
+def kernel_settings(device: torch.device, cudnn_benchmark: bool | None = None,
+                    compiling: bool = False) -> Iterator[None]:
     """Deterministic kernels on CPU (bit-identical reruns), cuDNN autotuning on CUDA as asked
     (None: as the process has it); the process's previous settings come back on exit, so a
-    caller of fit/batched_logits (a notebook, another library's tests) keeps its own."""
+    caller of fit/batched_logits (a notebook, another library's tests) keeps its own.
+    ``compiling``: code inside will be compiled (torch.compile), whose kernels are made
+    deterministic too."""
     previous = (torch.are_deterministic_algorithms_enabled(),
                 torch.is_deterministic_algorithms_warn_only_enabled(),
                 torch.backends.cudnn.benchmark)
     try:
         if device.type == "cpu":
-            torch.use_deterministic_algorithms(True)
+            _use_deterministic_algorithms(True, compiling=compiling)
         elif device.type == "cuda" and cudnn_benchmark is not None:
             torch.backends.cudnn.benchmark = cudnn_benchmark
         yield
     finally:
-        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        _use_deterministic_algorithms(previous[0], warn_only=previous[1], compiling=compiling)
         torch.backends.cudnn.benchmark = previous[2]
+
+
+def _use_deterministic_algorithms(mode: bool, warn_only: bool = False,
+                                  compiling: bool = False) -> None:
+    """``torch.use_deterministic_algorithms``, which also sets the compiler's flag of the same
+    name and so imports the compiler (torch._inductor: 1.2 s, a third of what `cifar-predict`
+    takes). Eager code needs only the kernels' switch; the compiler's flag is set where code
+    is compiled, or once something has loaded the compiler anyway."""
+    if compiling or "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(mode, warn_only=warn_only)
+    else:
+        torch._C._set_deterministic_algorithms(mode, warn_only=warn_only)
 
 
 def to_device(images: np.ndarray, labels: np.ndarray,
@@ -284,7 +299,7 @@ def fit(model: nn.Module, data: tuple[Split, Split], cfg: TrainConfig, *, seed: 
     writes the checkpoint; when a callback of rank 0 stops training, every rank stops.
     """
     (train_images, _), _ = data
-    with kernel_settings(train_images.device, cfg.cudnn_benchmark):
+    with kernel_settings(train_images.device, cfg.cudnn_benchmark, compiling=cfg.compile):
         return _fit(model, data, cfg, seed, list(callbacks), checkpointer, resume,
                     eval_batch_size)
 
