@@ -75,7 +75,7 @@ def wait_for_queue(project: Path, timeout: int = 600) -> subprocess.CompletedPro
         status = dvc("queue", "status", cwd=project)
         if not any(word in status.stdout for word in ("Queued", "Running")):
             return status
-        time.sleep(3)
+        time.sleep(10)  # each look is a DVC process (0.7 s of CPU); the queue takes a minute
     raise AssertionError(f"queue still busy after {timeout} s:\n{status.stdout}")
 
 
