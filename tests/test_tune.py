@@ -496,7 +496,7 @@ def test_hand_edited_best_params_are_validated_like_params_yaml(archive, tmp_pat
 def test_a_second_worker_replacing_the_plots_does_not_break_this_ones_logging(
         archive, tmp_path, monkeypatch):
     """Two workers in one directory both rewrite tune/plots/: a worker logs the plots it drew,
-    not files that the other may delete between writing and logging them."""
+    not files that the other may delete as soon as they are written."""
     from optuna.distributions import FloatDistribution
 
     from cifar_alexnet.tune import report
@@ -507,13 +507,14 @@ def test_a_second_worker_replacing_the_plots_does_not_break_this_ones_logging(
     for lr, dropout, acc in ((0.001, 0.1, 0.5), (0.002, 0.3, 0.6), (0.004, 0.2, 0.55)):
         study.add_trial(optuna.trial.create_trial(params={LR: lr, DROPOUT: dropout},
                                                   distributions=space, value=acc))
-    save = report.save_figure
+    install = report.install_plots
 
-    def saved_then_cleared_by_the_other_worker(figure, path):
-        save(figure, path)
-        Path(path).unlink()
+    def installed_then_cleared_by_the_other_worker(files, plot_dir):
+        install(files, plot_dir)
+        for path in plot_dir.iterdir():
+            path.unlink()
 
-    monkeypatch.setattr(report, "save_figure", saved_then_cleared_by_the_other_worker)
+    monkeypatch.setattr(report, "install_plots", installed_then_cleared_by_the_other_worker)
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is ./mlruns
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     try:

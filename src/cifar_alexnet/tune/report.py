@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import optuna
 from matplotlib.figure import Figure
@@ -16,7 +18,7 @@ from cifar_alexnet.best_params import (BEST_PARAMS_FILE, DROPOUT, LR, load_best_
                                       write_best_params)
 from cifar_alexnet.config import Params
 from cifar_alexnet.errors import PipelineError
-from cifar_alexnet.files import write_json, write_text
+from cifar_alexnet.files import atomic_path, write_json, write_text
 from cifar_alexnet.plots import integer_x_axis, save as save_figure
 from cifar_alexnet.redact import redact_url
 
@@ -88,16 +90,17 @@ def write_outputs(study: optuna.Study, params: Params, out_dir: Path,
             "fail_reason). Lower tune.lr_high if losses diverged, or raise tune.n_trials or "
             "tune.epochs_per_trial")
     write_trials_csv(study, out_dir / TRIALS_FILE)
-    figures = study_figures(study)
-    if log_to_mlflow:
-        # imported here, not above: reading a study (`cifar-study best`) needs no MLflow
-        from cifar_alexnet import tracking
+    # Each plot is drawn once, into a directory of this process's own: the run logs those
+    # files and plots/ gets copies. (A second worker in the same directory may be replacing
+    # plots/ at any moment: logging from there could miss a file.)
+    with tempfile.TemporaryDirectory(prefix="study-plots-") as drawn:
+        plots = draw_plots(study_figures(study), Path(drawn))
+        if log_to_mlflow:
+            # imported here, not above: reading a study (`cifar-study best`) needs no MLflow
+            from cifar_alexnet import tracking
 
-        # From memory, not from plots/: a second worker in the same directory may be replacing
-        # those files at this moment.
-        for name, figure in figures.items():
-            tracking.log_figure(figure, f"tune/plots/{name}")
-    write_plots(figures, out_dir / PLOTS_DIR)
+            tracking.log_files(plots, "tune/plots")
+        install_plots(plots, out_dir / PLOTS_DIR)
     write_best_params(out_dir / BEST_PARAMS_FILE, summary["best_params"],
                       summary["study_name"], summary["best_trial"], summary["metric"],
                       summary["best_value"])
@@ -191,8 +194,16 @@ def study_figures(study: optuna.Study) -> dict[str, Figure]:
     return figures
 
 
-def write_plots(figures: Mapping[str, Figure], plot_dir: Path) -> None:
-    """:func:`study_figures` as PNG files in ``plot_dir`` (any earlier ones removed)."""
-    _clear_plots(plot_dir)
+def draw_plots(figures: Mapping[str, Figure], directory: Path) -> list[Path]:
+    """:func:`study_figures` as PNG files in ``directory``; their paths."""
     for name, figure in figures.items():
-        save_figure(figure, plot_dir / name)
+        save_figure(figure, directory / name)
+    return [directory / name for name in figures]
+
+
+def install_plots(files: Sequence[Path], plot_dir: Path) -> None:
+    """``plot_dir`` holds copies of ``files``, each written whole, and no earlier plot."""
+    _clear_plots(plot_dir)
+    for file in files:
+        with atomic_path(plot_dir / file.name) as tmp:
+            shutil.copyfile(file, tmp)
