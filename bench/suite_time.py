@@ -8,8 +8,10 @@ Seconds per module are setup + call + teardown of its tests (session fixtures co
 are first used), from pytest's JUnit XML; with pytest-xdist's workers (the default, see
 pyproject.toml) they add up to more than the wall time. The CPU seconds are those of pytest
 and every process it started and waited for (workers, stages, servers): on a machine whose
-cores the suite keeps busy they set the wall time, and they vary less from run to run. A
-measurement, not a test: nothing fails on time.
+cores the suite keeps busy they set the wall time, and they vary less from run to run. They
+are a lower bound: a process whose parent was killed first (a server's worker, a stage under
+a killed `dvc`) is reaped by init, not counted. A measurement, not a test: nothing fails on
+time.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def table(times: dict[str, tuple[int, float]], wall: float, cpu: float) -> str:
     lines.append(f"| **all** | {sum(n for n, _ in times.values())} | {total:.0f} | |")
     lines.append("")
     lines.append(f"wall time of the run (collection included): {wall:.0f} s = {wall / 60:.1f} min")
-    lines.append(f"CPU time of pytest and the processes it ran: {cpu:.0f} s")
+    lines.append(f"CPU time of pytest and the processes it waited for: {cpu:.0f} s")
     return "\n".join(lines)
 
 

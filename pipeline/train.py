@@ -26,10 +26,11 @@ def main() -> None:
     params = parse_params(args)
     # The arguments, then the MLflow store, then torch: --help, a bad param and a store that
     # cannot be used (a damaged mlflow.db, a server that does not answer) are told in about
-    # 2 s, not after the 6 s that importing torch and reading the data take. A launcher
-    # (train.nproc > 1) leaves the store to rank 0: connecting takes the run id `mlflow run`
-    # hands its command out of the environment that the ranks inherit.
-    if params.train.nproc == 1:
+    # 2 s, not after the 6 s that importing torch and reading the data take. Only the process
+    # that logs checks it: a launcher (train.nproc > 1) leaves it to rank 0 (connecting takes
+    # the run id `mlflow run` hands its command out of the environment the ranks inherit), and
+    # under a torchrun of your own (RANK set) the other ranks never touch the store.
+    if params.train.nproc == 1 and os.environ.get("RANK", "0") == "0":
         from cifar_alexnet import tracking
 
         tracking.connect()

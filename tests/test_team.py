@@ -175,8 +175,8 @@ def test_racing_evaluations_leave_the_champion_on_the_best_version(team_server, 
     # What each evaluation registers is a logged model; the race is in registering and gating
     # it, so one model logged here serves every racer (each logging its own took 4 s apiece).
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team_server.uri)
-    mlflow.set_experiment("registry race")
-    with mlflow.start_run():
+    experiment = MlflowClient(team_server.uri).create_experiment("registry race")
+    with mlflow.start_run(experiment_id=experiment):  # (set_experiment would outlive the test)
         model_uri = tracking.log_model(build_model(ModelConfig("lenet5", 0.25, 0.0, "none")),
                                        np.zeros((2, 3, 32, 32), dtype=np.uint8),
                                        [str(i) for i in range(10)])
