@@ -79,6 +79,12 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def imported_modules(importtime_log: str) -> set[str]:
+    """Top-level package names from `python -X importtime` lines ('import time: … | name')."""
+    return {line.rsplit("|", 1)[1].strip().split(".")[0]
+            for line in importtime_log.splitlines() if line.startswith("import time:")}
+
+
 def shell_commands(path: Path) -> list[str]:
     """The commands in a Markdown file's fenced code blocks, continuation lines joined, comments
     cut: what a reader of the README or docs/ would type."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from cifar_alexnet.best_params import load_best_params
-from helpers import ROOT, subprocess_env, tiny_params, write_params
+from helpers import ROOT, imported_modules, subprocess_env, tiny_params, write_params
 
 HEAVY = ("torch", "mlflow", "optuna", "dvc", "PIL", "matplotlib", "sklearn", "pandas")
 COMMANDS = {
@@ -21,12 +21,6 @@ COMMANDS = {
     "cifar-study best": ["-m", "cifar_alexnet.tune.cifar_study", "best"],
     "cifar-predict": ["-m", "cifar_alexnet.cifar_predict"],
 }
-
-
-def imported_modules(importtime_log: str) -> set[str]:
-    """Top-level package names from `python -X importtime` lines ('import time: … | name')."""
-    return {line.rsplit("|", 1)[1].strip().split(".")[0]
-            for line in importtime_log.splitlines() if line.startswith("import time:")}
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 from cifar_alexnet.core.archive import read_archive
 from cifar_alexnet.stages.prepare import prepare
 from cifar_alexnet.core.trainer import Checkpoint
-from helpers import ROOT, MlflowServer, free_port, subprocess_env, tiny_params, write_params
+from helpers import (ROOT, MlflowServer, free_port, imported_modules, subprocess_env,
+                     tiny_params, write_params)
 
 pytestmark = pytest.mark.slow
 
@@ -88,8 +89,7 @@ def test_nothing_listening_fails_in_seconds_naming_the_uri(workdir):
     assert f"the MLflow tracking server {uri} does not answer" in line
     assert "mlflow server" in line and "MLFLOW_TRACKING_URI" in line
     assert seconds < 30, seconds  # MLflow alone retries for about 4 minutes
-    imported = [row.rsplit("|", 1)[-1].strip() for row in result.stderr.splitlines()
-                if row.startswith("import time:")]
+    imported = imported_modules(result.stderr)
     assert "mlflow" in imported and "torch" not in imported  # told before torch loads
     assert not (workdir / "models").exists() and not (workdir / "checkpoints/train.pt").exists()
 
